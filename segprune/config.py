@@ -1,0 +1,251 @@
+"""Run configuration: defaults, YAML loading, ``--set key=value`` overrides and validation.
+
+Every hyper-parameter of a run lives here; ``validate`` reports *all* bad keys in one
+:class:`ConfigError` (unknown or misspelt keys, wrong types, impossible values).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "validate", "merge", "demo_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every offending key with its value."""
+
+
+_SEG_DATA = {
+    "name": "camvid", "root": "../shared/data/camvid", "input_size": [240, 320], "crop_size": [240, 320],
+    "scale_range": [0.5, 2.0], "hflip": True, "ignore_index": 255, "train_split": "train", "eval_split": "test",
+    "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
+    "num_train": 256, "num_eval": 64, "num_kinds": 4, "image_size": [64, 64], "validate": True,
+}
+_CLS_DATA = {
+    "name": "imagefolder", "root": "../shared/data/tiny_imagenet_subset", "input_size": [64, 64],
+    "train_split": "train", "eval_split": "val", "batch_size": 64, "eval_batch_size": 128, "num_workers": 0,
+    "num_train": 512, "num_eval": 128, "num_kinds": 4, "image_size": [32, 32], "validate": False,
+}
+
+
+def _opt(epochs, lr, momentum=0.9, weight_decay=1e-4):
+    return {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "max_iters_per_epoch": None}
+
+
+#: The complete schema: every key a config may set, with its default.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "threads": None,
+    "model": {"name": "deeplabv3_resnet18", "width": 1.0, "output_stride": 16, "multi_grid": None,
+              "aspp_channels": 256, "aspp_rates": None},
+    "data": {"seg": _SEG_DATA, "cls": _CLS_DATA},
+    "train": {
+        "pretrain_cls": {**_opt(10, 0.1), "schedule": "linear"},
+        "seg": {**_opt(30, 0.01), "power": 0.9},
+    },
+    "method": {
+        "name": "mtp", "epochs": 10, "lr_seg": 0.005, "lr_cls": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+        "lam": 1.0, "alpha1": 1e-3, "alpha2": 1e-3, "mu0": 0.01, "rho": 1.05, "mu_max": 10.0, "update_every": 20,
+        "l1_mode": "proximal", "keep_copy": "w3", "max_iters_per_epoch": None,
+    },
+    "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 4, "prune_coupled": False},
+    "finetune": {
+        "cls": {**_opt(2, 0.01), "schedule": "linear"},
+        "seg": {**_opt(10, 0.005), "power": 0.9},
+    },
+    "eval": {"latency_runs": 20, "latency_warmup": 5, "threads": None, "split": None},
+}
+
+
+def merge(base: dict, override: dict, path: str = "", unknown: list | None = None) -> dict:
+    """Deep-merge ``override`` into a copy of ``base``; keys absent from ``base`` go to ``unknown``."""
+    out = copy.deepcopy(base)
+    for key, val in (override or {}).items():
+        full = f"{path}{key}"
+        if key not in base:
+            if unknown is not None:
+                unknown.append(full)
+            continue
+        if isinstance(base[key], dict) and isinstance(val, dict):
+            out[key] = merge(base[key], val, full + ".", unknown)
+        else:
+            out[key] = copy.deepcopy(val)
+    return out
+
+
+def _set_path(cfg: dict, dotted: str, value: Any, unknown: list) -> None:
+    node, keys = cfg, dotted.split(".")
+    ref = DEFAULTS
+    for k in keys[:-1]:
+        if not isinstance(ref, dict) or k not in ref or not isinstance(ref[k], dict):
+            unknown.append(dotted)
+            return
+        ref, node = ref[k], node[k]
+    if keys[-1] not in ref:
+        unknown.append(dotted)
+        return
+    node[keys[-1]] = value
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to ``cfg`` in place.
+
+    Raises:
+        ConfigError: malformed override or unknown key (all of them listed).
+    """
+    bad = []
+    for item in overrides or []:
+        if "=" not in item:
+            bad.append(f"--set {item!r}: expected key=value")
+            continue
+        key, raw = item.split("=", 1)
+        unknown: list[str] = []
+        _set_path(cfg, key.strip(), yaml.safe_load(raw), unknown)
+        bad += [f"--set {u}: unknown key" for u in unknown]
+    if bad:
+        raise ConfigError("bad overrides:\n  " + "\n  ".join(bad))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """Read a YAML config (``None`` = defaults), merge over :data:`DEFAULTS`, apply overrides, validate.
+
+    Relative data roots are resolved against the config file's folder first, then the CWD.
+
+    Raises:
+        ConfigError: missing/unreadable file, YAML syntax error, unknown keys, bad values;
+            the message names the file and every bad key.
+    """
+    raw: dict = {}
+    src = "<defaults>"
+    if path is not None:
+        src = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {src} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {src} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {src} must hold a mapping at top level, got {type(raw).__name__}")
+    unknown: list[str] = []
+    cfg = merge(DEFAULTS, raw, "", unknown)
+    problems = [f"{k}: unknown key" for k in unknown]
+    try:
+        apply_overrides(cfg, overrides or [])
+    except ConfigError as exc:
+        problems.append(str(exc))
+    problems += validate(cfg, raise_error=False)
+    if problems:
+        raise ConfigError(f"invalid config {src}:\n  " + "\n  ".join(problems))
+    if path is not None:
+        base = Path(path).resolve().parent
+        for sec in ("seg", "cls"):
+            root = cfg["data"][sec].get("root")
+            if root and not Path(root).is_absolute() and not Path(root).exists() and (base / root).exists():
+                cfg["data"][sec]["root"] = str((base / root).resolve())
+    return cfg
+
+
+def _num(v, kind=(int, float)):
+    return isinstance(v, kind) and not isinstance(v, bool)
+
+
+def validate(cfg: dict, raise_error: bool = True) -> list[str]:
+    """Check types and ranges; return the list of problems (or raise :class:`ConfigError`)."""
+    bad: list[str] = []
+
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            val = cfg
+            for k in key.split("."):
+                val = val.get(k) if isinstance(val, dict) else None
+            bad.append(f"{key}={val!r}: {msg}")
+
+    need(_num(cfg["seed"], int), "seed", "must be an integer")
+    need(cfg["threads"] is None or (_num(cfg["threads"], int) and cfg["threads"] > 0), "threads", "must be null or a positive integer")
+    m = cfg["model"]
+    need(_num(m["width"]) and m["width"] > 0, "model.width", "must be > 0")
+    need(m["output_stride"] in (8, 16), "model.output_stride", "must be 8 or 16")
+    need(_num(m["aspp_channels"], int) and m["aspp_channels"] > 0, "model.aspp_channels", "must be a positive integer")
+    for sec in ("seg", "cls"):
+        d = cfg["data"][sec]
+        for key in ("input_size", "image_size") + (("crop_size",) if sec == "seg" else ()):
+            v = d[key]
+            need(isinstance(v, list) and len(v) == 2 and all(_num(x, int) and x > 0 for x in v),
+                 f"data.{sec}.{key}", "must be [H, W] with positive integers")
+        for key in ("batch_size", "eval_batch_size"):
+            need(_num(d[key], int) and d[key] >= (2 if key == "batch_size" else 1), f"data.{sec}.{key}",
+                 "must be an integer >= 2 for training (BatchNorm), >= 1 for evaluation")
+        need(_num(d["num_workers"], int) and d["num_workers"] >= 0, f"data.{sec}.num_workers", "must be >= 0")
+    seg = cfg["data"]["seg"]
+    need(seg["name"] in ("camvid", "synthetic"), "data.seg.name", "must be 'camvid' or 'synthetic'")
+    need(cfg["data"]["cls"]["name"] in ("imagefolder", "synthetic"), "data.cls.name", "must be 'imagefolder' or 'synthetic'")
+    sr = seg["scale_range"]
+    need(isinstance(sr, list) and len(sr) == 2 and all(_num(x) and x > 0 for x in sr) and sr[0] <= sr[1],
+         "data.seg.scale_range", "must be [lo, hi] with 0 < lo <= hi")
+    stages = {"train.pretrain_cls": cfg["train"]["pretrain_cls"], "train.seg": cfg["train"]["seg"],
+              "finetune.cls": cfg["finetune"]["cls"], "finetune.seg": cfg["finetune"]["seg"]}
+    for name, st in stages.items():
+        need(_num(st["epochs"], int) and st["epochs"] >= 0, f"{name}.epochs", "must be an integer >= 0")
+        need(_num(st["lr"]) and st["lr"] > 0, f"{name}.lr", "must be > 0")
+        need(_num(st["momentum"]) and 0 <= st["momentum"] < 1, f"{name}.momentum", "must be in [0, 1)")
+        need(_num(st["weight_decay"]) and st["weight_decay"] >= 0, f"{name}.weight_decay", "must be >= 0")
+        mi = st["max_iters_per_epoch"]
+        need(mi is None or (_num(mi, int) and mi > 0), f"{name}.max_iters_per_epoch", "must be null or > 0")
+    me = cfg["method"]
+    need(me["name"] in ("mtp",), "method.name", "must be one of: mtp")
+    need(_num(me["epochs"], int) and me["epochs"] >= 0, "method.epochs", "must be an integer >= 0")
+    for key in ("lr_seg", "lr_cls", "lam", "mu0"):
+        need(_num(me[key]) and me[key] > 0, f"method.{key}", "must be > 0")
+    for key in ("alpha1", "alpha2", "weight_decay"):
+        need(_num(me[key]) and me[key] >= 0, f"method.{key}", "must be >= 0")
+    need(_num(me["rho"]) and me["rho"] > 1, "method.rho", "must be > 1 (MTP paper, Eq. 10)")
+    need(_num(me["mu_max"]) and me["mu_max"] >= me["mu0"] if _num(me["mu0"]) else False, "method.mu_max", "must be >= mu0")
+    if _num(me["mu_max"]) and _num(me["lr_seg"]) and _num(me["lr_cls"]):
+        need(max(me["lr_seg"], me["lr_cls"]) * me["mu_max"] < 1.0, "method.mu_max",
+             "lr * mu_max must stay < 1 or the coupling step mu/2||W1-W3||^2 diverges")
+    need(_num(me["update_every"], int) and me["update_every"] > 0, "method.update_every", "must be a positive integer")
+    need(me["l1_mode"] in ("proximal", "subgradient"), "method.l1_mode", "must be 'proximal' or 'subgradient'")
+    need(me["keep_copy"] in ("w1", "w3"), "method.keep_copy", "must be 'w1' or 'w3'")
+    pr = cfg["prune"]
+    need(_num(pr["keep_ratio"]) and 0 < pr["keep_ratio"] < 1, "prune.keep_ratio", "must lie in (0, 1), e.g. 0.5")
+    need(pr["threshold_mode"] in ("ind", "uni"), "prune.threshold_mode", "must be 'ind' or 'uni'")
+    need(_num(pr["min_channels"], int) and pr["min_channels"] >= 1, "prune.min_channels", "must be an integer >= 1")
+    ev = cfg["eval"]
+    need(_num(ev["latency_runs"], int) and ev["latency_runs"] >= 1, "eval.latency_runs", "must be >= 1")
+    need(_num(ev["latency_warmup"], int) and ev["latency_warmup"] >= 0, "eval.latency_warmup", "must be >= 0")
+    if bad and raise_error:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
+    return bad
+
+
+def demo_config() -> dict:
+    """The embedded default used by ``segprune demo``: synthetic data, a width-0.25 DeepLabv3-R18."""
+    cfg = copy.deepcopy(DEFAULTS)
+    return merge(cfg, yaml.safe_load(DEMO_YAML))
+
+
+#: The demo settings, kept as YAML so that the run folder's config.yaml reads like a user's.
+DEMO_YAML = """
+seed: 0
+model: {name: deeplabv3_resnet18, width: 0.25, output_stride: 8}
+data:
+  seg: {name: synthetic, input_size: [64, 64], crop_size: [64, 64], image_size: [64, 64], scale_range: [0.75, 1.25],
+        num_train: 320, num_eval: 96, num_kinds: 4, batch_size: 16, eval_batch_size: 32}
+  cls: {name: synthetic, input_size: [32, 32], image_size: [32, 32], num_train: 1024, num_eval: 256, num_kinds: 4,
+        batch_size: 64, eval_batch_size: 128}
+train:
+  pretrain_cls: {epochs: 6, lr: 0.05}
+  seg: {epochs: 30, lr: 0.02}
+method: {epochs: 8, lr_seg: 0.01, lr_cls: 0.02, alpha1: 0.1, alpha2: 0.1, mu0: 0.1, rho: 1.1, mu_max: 20.0, update_every: 5}
+prune: {keep_ratio: 0.5, threshold_mode: ind, min_channels: 2}
+finetune:
+  cls: {epochs: 1, lr: 0.01}
+  seg: {epochs: 10, lr: 0.01}
+eval: {latency_runs: 20, latency_warmup: 5}
+"""

@@ -1,0 +1,202 @@
+"""CamVid (SegNet 11-class version) segmentation dataset.
+
+Expected layout (as in ``shared/data/camvid``)::
+
+    <root>/<split>.txt          one "<image> <label>" pair per line, paths relative to <root>
+    <root>/<split>/*.jpg|png    RGB images, 480x360
+    <root>/<split>annot/*.png   single-channel labels, values 0..10 = classes, 11 = void
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .transforms import SegEvalTransform
+
+__all__ = ["CamVid", "load_rgb", "load_label"]
+
+# Errors PIL may raise for missing, unreadable, corrupt or truncated files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Fully decode an image file and return it as an RGB PIL image.
+
+    Raises:
+        DataError: the file is missing, not an image, corrupt or truncated
+            (the message names the file and the decoder error).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def load_label(path: Path) -> np.ndarray:
+    """Decode a single-channel label PNG into an integer array of shape ``(H, W)``.
+
+    Modes ``L``, ``P`` (palette indices are used as labels), ``I`` and ``I;16``
+    are accepted.
+
+    Raises:
+        DataError: unreadable/corrupt file, or a multi-channel (e.g. colour-coded
+            RGB) label; the message names the file and its mode.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.array(im)
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot read label {path}: {type(e).__name__}: {e}") from e
+    if arr.ndim != 2:
+        raise DataError(
+            f"label {path} must be a single-channel image of class ids, got mode {mode!r} "
+            f"with shape {arr.shape}"
+        )
+    return arr
+
+
+class CamVid(Dataset):
+    """CamVid semantic segmentation, 11 classes + void.
+
+    Args:
+        root: dataset folder containing ``<split>.txt``.
+        split: list-file stem, e.g. ``"train"``, ``"val"``, ``"test"``.
+        transform: paired transform ``(PIL image, label array, rng) -> (image, label)``
+            such as :class:`SegTrainTransform` / :class:`SegEvalTransform`; ``None``
+            means ``SegEvalTransform(None)`` (normalise only, native size).
+        void_label: raw label value treated as void (mapped to ``ignore_index``).
+        ignore_index: value written for void pixels (ignored by loss and metrics).
+        seed: base seed of the augmentation RNG.
+
+    Items:
+        ``(image, label)``: ``float32 (3, h, w)`` normalised image and ``int64 (h, w)``
+        labels in ``0..10`` or ``ignore_index``.
+
+    Raises:
+        DataError: at construction for a missing root, missing list file, malformed
+            list line, listed file that does not exist or an empty split; at item
+            access for a corrupt image, out-of-range label values or an
+            image/label size mismatch. Messages name the offending path(s).
+    """
+
+    CLASSES: tuple[str, ...] = (
+        "Sky", "Building", "Pole", "Road", "Pavement", "Tree",
+        "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
+    )
+    PALETTE: list[tuple[int, int, int]] = [
+        (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+        (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+    ]
+    VOID_COLOR: tuple[int, int, int] = (0, 0, 0)
+    num_classes: int = 11
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable | None,
+        void_label: int = 11,
+        ignore_index: int = 255,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform if transform is not None else SegEvalTransform(None)
+        self.void_label = int(void_label)
+        self.ignore_index = int(ignore_index)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.pairs = self._read_list()
+
+    def _read_list(self) -> list[tuple[Path, Path]]:
+        if not self.root.is_dir():
+            raise DataError(f"CamVid root folder does not exist: {self.root}")
+        list_file = self.root / f"{self.split}.txt"
+        if not list_file.is_file():
+            raise DataError(f"CamVid split list not found: {list_file} (split={self.split!r})")
+        pairs: list[tuple[Path, Path]] = []
+        for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise DataError(
+                    f"{list_file}:{lineno}: expected '<image> <label>', got {line!r}"
+                )
+            img, lab = self.root / parts[0], self.root / parts[1]
+            for p in (img, lab):
+                if not p.is_file():
+                    raise DataError(f"{list_file}:{lineno}: listed file does not exist: {p}")
+            pairs.append((img, lab))
+        if not pairs:
+            raise DataError(f"CamVid split {self.split!r} is empty: {list_file} lists no pairs")
+        return pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used to derive per-item augmentation RNGs."""
+        self.epoch = int(epoch)
+
+    def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """Load and check pair ``index`` without any transform.
+
+        Returns:
+            ``(RGB PIL image, int64 label (H, W))`` with void mapped to ``ignore_index``.
+
+        Raises:
+            DataError: corrupt image/label, size mismatch, or label values outside
+                ``0..10`` that are not ``void_label``.
+        """
+        img_path, lab_path = self.pairs[index]
+        image = load_rgb(img_path)
+        raw = load_label(lab_path)
+        if raw.shape != (image.size[1], image.size[0]):
+            raise DataError(
+                f"size mismatch: image {img_path} is {image.size[0]}x{image.size[1]} (WxH) but "
+                f"label {lab_path} is {raw.shape[1]}x{raw.shape[0]} (WxH)"
+            )
+        values = np.unique(raw)
+        bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.void_label)]
+        if bad.size:
+            raise DataError(
+                f"label {lab_path} has values outside 0..{self.num_classes - 1} "
+                f"(void={self.void_label}): {bad[:10].tolist()}"
+            )
+        label = raw.astype(np.int64)
+        label[raw == self.void_label] = self.ignore_index
+        return image, label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.load_pair(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.transform(image, label, rng)
+
+    def validate(self) -> None:
+        """Fully decode and check every pair (slow; opt-in).
+
+        Raises:
+            DataError: on the first bad pair (see :meth:`load_pair`).
+        """
+        for i in range(len(self)):
+            self.load_pair(i)
+
+    def describe(self) -> str:
+        """Short one-line description for logs."""
+        return f"CamVid(split={self.split}, n={len(self)}, root={self.root})"
+
+    def __repr__(self) -> str:
+        return self.describe()

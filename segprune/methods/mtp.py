@@ -1,0 +1,235 @@
+"""MTP: Multi-Task Pruning (Chen et al., "Multi-Task Pruning for Semantic Segmentation Networks").
+
+Sparsity training of Algorithm 1, lines 1-7, by the inexact augmented Lagrangian method of
+Eqs. 5-10. Notation of the paper:
+
+* ``W1``: a copy of the backbone (plus its classification head ``fc``) trained on the
+  classification task; ``W3``: the backbone used by the segmentation network; ``W2``: the decoder.
+* Eq. 5:  min l_cls(W1) + λ l_seg(W3, W2) + α1 ||γ1||_1 + α2 ||γ2||_1   s.t.  W1 = W3.
+* Eq. 6:  L = ... + <E, W1 - W3> + μ/2 ||W1 - W3||².
+* Eq. 7 (W1):  l_cls(W1) + <E, W1 - W3> + μ/2 ||W1 - W3||² + α1 ||γ1||_1.
+* Eq. 8 (W2):  λ l_seg(W3, W2) + α2 ||γ2||_1.
+* Eq. 9 (W3):  λ l_seg(W3, W2) + <E, W1 - W3> + μ/2 ||W1 - W3||².  The printed Eq. 9 omits the
+  <E, ·> term and ends in a dangling "+"; we read it as the augmented Lagrangian (Eq. 6)
+  restricted to the terms that depend on W3, which is the only consistent reading: without
+  <E, W1 - W3> in the W3 step the multiplier E would act on W1 alone and the fixed point
+  would not satisfy W1 = W3.
+* Eq. 10:  E ← E + μ (W1 - W3),  μ ← ρ μ  (ρ > 1), capped at ``mu_max`` as in the inexact ALM
+  of Lin et al. (2010), applied every ``update_every`` iterations.
+
+Choices where the paper is silent (see docs/methods.md):
+
+* The constraint W1 = W3 covers *all* backbone parameters (conv weights, BN γ and β), not
+  only γ: Eq. 5 is written over the parameter sets, and only a full coupling transfers the
+  classification knowledge into the segmentation backbone. BN running statistics are buffers,
+  not parameters: each copy keeps its own (classification vs segmentation image statistics).
+  ``fc`` exists only in W1 and is not constrained.
+* ℓ1 step: ``l1_mode="proximal"`` (default) applies the soft-threshold
+  γ ← sign(γ) max(|γ| - lr α, 0) after each SGD step (ISTA), which yields exact zeros;
+  ``"subgradient"`` adds α sign(γ) to the gradient (Network Slimming's practice).
+  ℓ1 acts only on the γ of prunable units (backbone units via W1, decoder units via W2).
+* W2 and W3 share one segmentation forward/backward: the gradient of λ l_seg w.r.t. both is
+  computed once, the coupling gradient -(E + μ (W1 - W3)) is added to W3's, α2 to W2's γ, and
+  both take their SGD step together (a Jacobi step between W2 and W3, Gauss-Seidel w.r.t. W1).
+* Scores for pruning: backbone γ1 from W1, decoder γ2 from W2 (Algorithm 1, line 9).
+  The pruned network keeps W3 (``keep_copy="w3"``, default): its decoder W2 was trained with
+  W3 and its BN statistics are those of segmentation images; at convergence W1 ≈ W3.
+  ``keep_copy="w1"`` copies W1's parameters into the segmentation backbone instead.
+  Either way the classification head ``fc`` of W1 is copied into the model, for the
+  classification fine-tuning of Algorithm 1 line 11.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.log import StageLog
+from ..engine.train import check_finite, cycle, iters_per_epoch, linear_lr, poly_lr, set_lr
+from ..pruning.groups import PruneUnit
+
+__all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_"]
+
+
+def l1_prox_(gammas: list[torch.Tensor], threshold: float) -> None:
+    """Soft-threshold in place: γ ← sign(γ) · max(|γ| - threshold, 0) (proximal map of threshold·||γ||_1)."""
+    if threshold <= 0:
+        return
+    with torch.no_grad():
+        for g in gammas:
+            g.copy_(torch.sign(g) * torch.clamp(g.abs() - threshold, min=0.0))
+
+
+def l1_subgradient_(gammas: list[torch.Tensor], alpha: float) -> None:
+    """Add the ℓ1 sub-gradient α·sign(γ) to ``γ.grad`` (Network Slimming, Liu et al. 2017, Eq. 1)."""
+    if alpha <= 0:
+        return
+    for g in gammas:
+        if g.grad is None:
+            g.grad = torch.zeros_like(g)
+        g.grad.add_(torch.sign(g.detach()), alpha=alpha)
+
+
+class MTP:
+    """State and update rules of MTP sparsity training for one segmentation model.
+
+    Args:
+        model: segmentation model with ``backbone`` (a module with ``fc``) and ``forward_cls``;
+            its ``backbone`` is W3 and the rest of its parameters are W2.
+        units: prunable units (``segprune.pruning.discover_units``); ℓ1 acts on their γ.
+        cfg: the ``method:`` config section (lam, alpha1, alpha2, mu0, rho, mu_max, lr_seg,
+            lr_cls, momentum, weight_decay, l1_mode, keep_copy).
+
+    Raises:
+        ValueError: ``rho <= 1`` or a model without ``backbone.fc``.
+    """
+
+    def __init__(self, model: nn.Module, units: list[PruneUnit], cfg: dict):
+        if float(cfg["rho"]) <= 1:
+            raise ValueError(f"method.rho={cfg['rho']!r} must be > 1 (MTP paper, Eq. 10)")
+        if getattr(model.backbone, "fc", None) is None:
+            raise ValueError("MTP needs a classification head: model.backbone.fc is missing")
+        self.model, self.cfg = model, cfg
+        self.w1 = copy.deepcopy(model.backbone)
+        p1 = dict(self.w1.named_parameters())
+        p3 = dict(model.backbone.named_parameters())
+        self.shared = [n for n in p1 if not n.startswith("fc.")]
+        self.p1 = [p1[n] for n in self.shared]
+        self.p3 = [p3[n] for n in self.shared]
+        self.E = [torch.zeros_like(p) for p in self.p1]
+        self.mu = float(cfg["mu0"])
+        self.steps = 0
+        prefix = model.parts["backbone"]
+        w1_mods, mods = dict(self.w1.named_modules()), dict(model.named_modules())
+        self.gamma1 = [w1_mods[b[len(prefix):]].weight for u in units if u.part == "backbone" for b in u.bns]
+        self.gamma2 = [mods[b].weight for u in units if u.part != "backbone" for b in u.bns]
+        self.units = units
+        seg_params = [p for n, p in model.named_parameters() if not n.startswith(prefix + "fc.")]
+        self.opt1 = torch.optim.SGD(self.w1.parameters(), lr=cfg["lr_cls"], momentum=cfg["momentum"],
+                                    weight_decay=cfg["weight_decay"])
+        self.opt23 = torch.optim.SGD(seg_params, lr=cfg["lr_seg"], momentum=cfg["momentum"],
+                                     weight_decay=cfg["weight_decay"])
+
+    # ---- Eq. 7 -----------------------------------------------------------------------
+    def coupling_grad(self) -> list[torch.Tensor]:
+        """∂/∂W1 of <E, W1 - W3> + μ/2 ||W1 - W3||²  =  E + μ (W1 - W3) (one tensor per shared parameter)."""
+        with torch.no_grad():
+            diff = torch._foreach_sub([p.detach() for p in self.p1], [p.detach() for p in self.p3])
+            torch._foreach_mul_(diff, self.mu)
+            torch._foreach_add_(diff, self.E)
+        return diff
+
+    def step_w1(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        """One SGD step of Eq. 7 on a classification batch x (N, 3, h, w), y (N,). Returns l_cls."""
+        self.w1.train()
+        loss = F.cross_entropy(self.w1(x), y)
+        check_finite(loss, "sparsity (W1, Eq. 7)", self.steps)
+        self.opt1.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.p1]
+        torch._foreach_add_(grads, self.coupling_grad())
+        for p, g in zip(self.p1, grads):
+            p.grad = g
+        alpha1 = float(self.cfg["alpha1"])
+        if self.cfg["l1_mode"] == "subgradient":
+            l1_subgradient_(self.gamma1, alpha1)
+        set_lr(self.opt1, lr)
+        self.opt1.step()
+        if self.cfg["l1_mode"] == "proximal":
+            l1_prox_(self.gamma1, lr * alpha1)
+        return loss.item()
+
+    # ---- Eqs. 8 and 9 (one shared segmentation forward/backward) --------------------------
+    def step_w23(self, x: torch.Tensor, y: torch.Tensor, lr: float, ignore_index: int) -> float:
+        """One SGD step of Eq. 8 (W2) and Eq. 9 (W3) on a segmentation batch x (N,3,H,W), y (N,H,W)."""
+        self.model.train()
+        seg = F.cross_entropy(self.model(x), y, ignore_index=ignore_index)
+        check_finite(seg, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
+        loss = float(self.cfg["lam"]) * seg
+        self.opt23.zero_grad(set_to_none=True)
+        loss.backward()
+        coupling = self.coupling_grad()          # ∂/∂W3 of the coupling terms is minus this
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.p3]
+        torch._foreach_sub_(grads, coupling)
+        for p, g in zip(self.p3, grads):
+            p.grad = g
+        alpha2 = float(self.cfg["alpha2"])
+        if self.cfg["l1_mode"] == "subgradient":
+            l1_subgradient_(self.gamma2, alpha2)
+        set_lr(self.opt23, lr)
+        self.opt23.step()
+        if self.cfg["l1_mode"] == "proximal":
+            l1_prox_(self.gamma2, lr * alpha2)
+        return seg.item()
+
+    # ---- Eq. 10 --------------------------------------------------------------------------
+    def update_multipliers(self) -> None:
+        """E ← E + μ (W1 - W3);  μ ← min(ρ μ, μ_max)   (MTP paper, Eq. 10)."""
+        with torch.no_grad():
+            diff = torch._foreach_sub([p.detach() for p in self.p1], [p.detach() for p in self.p3])
+            torch._foreach_add_(self.E, diff, alpha=self.mu)
+        self.mu = min(self.mu * float(self.cfg["rho"]), float(self.cfg["mu_max"]))
+
+    def gap(self) -> float:
+        """||W1 - W3||_2 over all shared backbone parameters."""
+        with torch.no_grad():
+            return math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(self.p1, self.p3)))
+
+    def sparsity(self, tol: float = 1e-3) -> dict:
+        """Fraction of |γ| below ``tol`` for γ1 (W1 backbone units) and γ2 (decoder units)."""
+        def frac(gs):
+            n = sum(g.numel() for g in gs)
+            return sum(int((g.detach().abs() < tol).sum()) for g in gs) / max(1, n)
+        return {"gamma1_zero": frac(self.gamma1), "gamma2_zero": frac(self.gamma2)}
+
+    def score_sources(self) -> dict[str, nn.Module]:
+        """BN name (in the model) -> BN module to read γ from: W1 for backbone (Algorithm 1, line 9)."""
+        prefix = self.model.parts["backbone"]
+        w1_mods = dict(self.w1.named_modules())
+        return {b: w1_mods[b[len(prefix):]] for u in self.units if u.part == "backbone" for b in u.bns}
+
+    def finalize(self) -> None:
+        """Write the kept copy into the model: W1's ``fc`` always, W1's shared params if keep_copy="w1"."""
+        with torch.no_grad():
+            self.model.backbone.fc.load_state_dict(self.w1.fc.state_dict())
+            if self.cfg["keep_copy"] == "w1":
+                for a, b in zip(self.p3, self.p1):
+                    a.copy_(b)
+
+
+def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cfg: dict, ignore_index: int,
+            log: StageLog) -> MTP:
+    """Alternate Eqs. 7, 8+9 and 10 for ``cfg["epochs"]`` epochs of the segmentation loader.
+
+    One iteration = one classification batch (W1 step) + one segmentation batch (W2/W3 step);
+    the classification loader is cycled. Learning rates follow the paper's schedules: linear
+    decay for the classification task, poly(0.9) for segmentation (App. 6.1).
+    """
+    mtp = MTP(model, units, cfg)
+    n_it = iters_per_epoch(seg_loader, cfg.get("max_iters_per_epoch"))
+    total = n_it * int(cfg["epochs"])
+    cls_iter = cycle(cls_loader)
+    for epoch in range(int(cfg["epochs"])):
+        if hasattr(seg_loader.dataset, "set_epoch"):
+            seg_loader.dataset.set_epoch(epoch)
+        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}")
+        lc = ls = 0.0
+        for i, (x2, y2) in enumerate(seg_loader):
+            if i >= n_it:
+                break
+            x1, y1 = next(cls_iter)
+            lc += mtp.step_w1(x1, y1, linear_lr(cfg["lr_cls"], mtp.steps, total))
+            ls += mtp.step_w23(x2, y2, poly_lr(cfg["lr_seg"], mtp.steps, total), ignore_index)
+            mtp.steps += 1
+            if mtp.steps % int(cfg["update_every"]) == 0:
+                mtp.update_multipliers()
+            bar.update(1)
+        bar.close()
+        sp = mtp.sparsity()
+        log.write(f"epoch {epoch + 1}: l_cls {lc / max(1, n_it):.4f} l_seg {ls / max(1, n_it):.4f} "
+                  f"mu {mtp.mu:.4g} ||W1-W3|| {mtp.gap():.4f} zero-γ1 {sp['gamma1_zero']:.3f} zero-γ2 {sp['gamma2_zero']:.3f}")
+    mtp.finalize()
+    return mtp

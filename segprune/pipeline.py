@@ -1,0 +1,330 @@
+"""Algorithm 1 of the MTP paper as resumable stages writing a self-contained run folder.
+
+Stages (each writes ``stages/<stage>/`` with ``model.safetensors``, ``arch.json`` and, last,
+``done.json``; a stage whose ``done.json`` exists is loaded instead of re-run):
+
+1. ``pretrain_cls``  classification pre-training of the backbone (Eq. 1)
+2. ``train_seg``     segmentation training of backbone + decoder (Eq. 2) -> the baseline
+3. ``sparsity``      MTP sparsity training (Eqs. 5-10, Algorithm 1 lines 1-7)
+4. ``prune``         thresholds on γ (Ind/Uni) and physical removal (lines 9-10)
+5. ``finetune_cls``  fine-tune the pruned backbone on classification (line 11)
+6. ``finetune_seg``  fine-tune the pruned network on segmentation (line 11)
+7. ``evaluate``      mIoU, pixel accuracy, params, FLOPs, MACs, latency of baseline and pruned
+
+The run folder holds ``config.yaml`` (resolved), ``logs/``, ``metrics.json`` and ``report.md``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from . import __version__
+from .checkpoint import CheckpointError, load_into_model, load_json, load_state_dict, save_json, save_state_dict, atomic_write_bytes
+from .config import ConfigError, validate
+from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num_classes
+from .engine.evaluate import evaluate_classification, evaluate_segmentation
+from .engine.log import StageLog
+from .engine.profile import profile_model
+from .engine.train import make_loader, train_classification, train_segmentation
+from .methods.mtp import run_mtp
+from .models import build_model
+from .pruning import apply_widths, build_graph, discover_units, layer_widths, prune_channels, select_channels, unit_gammas, widths_spec
+
+__all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT"]
+
+STAGES = ("pretrain_cls", "train_seg", "sparsity", "prune", "finetune_cls", "finetune_seg", "evaluate")
+ARCH_FORMAT = "segprune-arch/1"
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def save_model(stage_dir: Path, model: nn.Module, arch: dict) -> None:
+    """Write weights (safetensors) then architecture (JSON), both atomically."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_state_dict(stage_dir / "model.safetensors", model.state_dict(), {"format": ARCH_FORMAT})
+    save_json(stage_dir / "arch.json", arch)
+
+
+def load_run_model(stage_dir: Path) -> tuple[nn.Module, dict]:
+    """Rebuild a (possibly pruned) model from ``arch.json`` + ``model.safetensors`` alone.
+
+    No pickle is involved: the architecture is re-created from the registry and the recorded
+    widths, then the weights are loaded strictly.
+
+    Raises:
+        CheckpointError: missing/corrupt files, a JSON of another format, or weights that do not
+            fit the recorded architecture (the message names the file and the mismatch).
+    """
+    stage_dir = Path(stage_dir)
+    arch_path = stage_dir / "arch.json"
+    arch = load_json(arch_path)
+    if not isinstance(arch, dict) or arch.get("format") != ARCH_FORMAT:
+        raise CheckpointError(f"{arch_path}: not a segprune architecture file (expected format {ARCH_FORMAT!r})")
+    try:
+        model = build_model(dict(arch["model"]), int(arch["num_classes"]), int(arch["cls_classes"]))
+        if arch.get("widths"):
+            apply_widths(model, arch["widths"], source=str(arch_path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{arch_path}: cannot rebuild the model: {exc}") from None
+    weights = stage_dir / "model.safetensors"
+    load_into_model(model, load_state_dict(weights), str(weights))
+    return model, arch
+
+
+class Pipeline:
+    """Runs Algorithm 1 for a validated config into ``out_dir``.
+
+    Args:
+        cfg: a full config (``segprune.config.load_config`` or ``demo_config``).
+        out_dir: run folder; created if missing; an existing run folder with a *different*
+            config is refused (nothing in it is touched).
+        quiet: no console output (logs are still written).
+
+    Raises:
+        ConfigError: invalid config or a run folder made with another config.
+        DataError: missing/corrupt data (raised before anything is written).
+    """
+
+    def __init__(self, cfg: dict, out_dir: str | Path, quiet: bool = False):
+        validate(cfg)
+        self.cfg, self.out, self.quiet = cfg, Path(out_dir), quiet
+        self.timings: dict[str, float] = {}
+        # --- every check that can fail happens before anything is written -----------------
+        dseg, dcls = cfg["data"]["seg"], cfg["data"]["cls"]
+        self.num_classes, self.cls_classes = seg_num_classes(dseg), cls_num_classes(dcls)
+        self.ignore_index = int(dseg["ignore_index"])
+        seed = int(cfg["seed"])
+        self.seg_train = build_seg_dataset(dseg, dseg["train_split"], True, seed)
+        self.seg_eval = build_seg_dataset(dseg, cfg["eval"]["split"] or dseg["eval_split"], False, seed)
+        self.cls_train = build_cls_dataset(dcls, dcls["train_split"], True, seed)
+        self.cls_eval = build_cls_dataset(dcls, dcls["eval_split"], False, seed)
+        for flag, sets in ((dseg.get("validate"), (self.seg_train, self.seg_eval)),
+                           (dcls.get("validate"), (self.cls_train, self.cls_eval))):
+            for ds in sets:
+                if flag and hasattr(ds, "validate"):
+                    ds.validate()  # full scan: every image decodes, labels in range, sizes match
+        cfg_file = self.out / "config.yaml"
+        if cfg_file.exists():
+            old = yaml.safe_load(cfg_file.read_text())
+            if old != cfg:
+                diff = sorted(_diff_keys(old, cfg))
+                raise ConfigError(f"run folder {self.out} was made with another config (differs at: "
+                                  f"{', '.join(diff[:10])}); use another --out, or the same config to resume")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not cfg_file.exists():
+            atomic_write_bytes(cfg_file, yaml.safe_dump(cfg, sort_keys=False).encode())
+        if cfg["threads"]:
+            torch.set_num_threads(int(cfg["threads"]))
+
+    # ------------------------------------------------------------------------------------
+    def _log(self, stage: str) -> StageLog:
+        return StageLog(stage, self.out / "logs", quiet=self.quiet)
+
+    def _stage_dir(self, stage: str) -> Path:
+        return self.out / "stages" / f"{STAGES.index(stage) + 1:02d}_{stage}"
+
+    def _done(self, stage: str) -> dict | None:
+        f = self._stage_dir(stage) / "done.json"
+        return load_json(f) if f.exists() else None
+
+    def _finish(self, stage: str, model: nn.Module | None, arch: dict | None, log: StageLog, info: dict) -> None:
+        d = self._stage_dir(stage)
+        if model is not None:
+            save_model(d, model, arch)
+        info = {"stage": stage, "wall_s": round(log.elapsed(), 2), **info}
+        save_json(d / "done.json", info)
+        self.timings[stage] = info["wall_s"]
+        log.write(f"done in {info['wall_s']:.1f}s")
+
+    def _arch(self, widths: dict | None) -> dict:
+        return {"format": ARCH_FORMAT, "model": self.cfg["model"], "num_classes": self.num_classes,
+                "cls_classes": self.cls_classes, "widths": widths,
+                "input_size": list(self.cfg["data"]["seg"]["input_size"]), "segprune_version": __version__}
+
+    def _loaders(self):
+        d = self.cfg["data"]
+        s = int(self.cfg["seed"])
+        return (make_loader(self.seg_train, d["seg"]["batch_size"], True, s, d["seg"]["num_workers"]),
+                make_loader(self.cls_train, d["cls"]["batch_size"], True, s, d["cls"]["num_workers"]))
+
+    def _eval_loaders(self):
+        d = self.cfg["data"]
+        return (make_loader(self.seg_eval, d["seg"]["eval_batch_size"], False, 0, d["seg"]["num_workers"]),
+                make_loader(self.cls_eval, d["cls"]["eval_batch_size"], False, 0, d["cls"]["num_workers"]))
+
+    def _load_or(self, stage: str):
+        if self._done(stage) is not None:
+            model, arch = load_run_model(self._stage_dir(stage))
+            self.timings[stage] = self._done(stage).get("wall_s", 0.0)
+            if not self.quiet:
+                print(f"[{stage}] already done, loaded {self._stage_dir(stage)}")
+            return model
+        return None
+
+    # ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run (or resume) every stage; return the metrics dict also written to metrics.json."""
+        cfg = self.cfg
+        seg_loader, cls_loader = self._loaders()
+        seg_eval, cls_eval = self._eval_loaders()
+        ign = self.ignore_index
+
+        # 1. classification pre-training (Eq. 1)
+        model = self._load_or("pretrain_cls")
+        if model is None:
+            log = self._log("pretrain_cls")
+            _seed(cfg["seed"])
+            model = build_model(dict(cfg["model"]), self.num_classes, self.cls_classes)
+            st = train_classification(model.backbone, cls_loader, cfg["train"]["pretrain_cls"], log)
+            top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
+            log.write(f"backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
+            self._finish("pretrain_cls", model, self._arch(None), log, {**st, "top1": top1})
+
+        # 2. segmentation training (Eq. 2): the baseline
+        base = self._load_or("train_seg")
+        if base is None:
+            log = self._log("train_seg")
+            _seed(cfg["seed"] + 1)
+            st = train_segmentation(model, seg_loader, cfg["train"]["seg"], ign, log)
+            self._finish("train_seg", model, self._arch(None), log, st)
+            base = model
+        baseline = copy.deepcopy(base)
+
+        # 3. MTP sparsity training (Algorithm 1, lines 1-7)
+        graph = build_graph(base, tuple(cfg["data"]["seg"]["input_size"]))
+        units = discover_units(base, graph, cfg["prune"]["prune_coupled"])
+        sparse_dir = self._stage_dir("sparsity")
+        sparse = self._load_or("sparsity")
+        if sparse is None:
+            log = self._log("sparsity")
+            _seed(cfg["seed"] + 2)
+            mtp = run_mtp(base, units, cls_loader, seg_loader, cfg["method"], ign, log)
+            sources = mtp.score_sources()
+            scores = unit_gammas(base, units, sources)
+            sparse_dir.mkdir(parents=True, exist_ok=True)
+            save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
+            self._finish("sparsity", base, self._arch(None), log,
+                         {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps})
+            sparse = base
+        scores = load_state_dict(sparse_dir / "scores.safetensors")
+
+        # 4. pruning (lines 9-10): thresholds + physical removal
+        pruned = self._load_or("prune")
+        pr = cfg["prune"]
+        if pruned is None:
+            log = self._log("prune")
+            graph = build_graph(sparse, tuple(cfg["data"]["seg"]["input_size"]))
+            units = discover_units(sparse, graph, pr["prune_coupled"])
+            kept = select_channels(scores, {u.name: u.part for u in units}, pr["keep_ratio"],
+                                   pr["threshold_mode"], pr["min_channels"])
+            pruned = prune_channels(sparse, units, kept, graph)
+            spec = widths_spec(units, kept, pr["prune_coupled"])
+            m = evaluate_segmentation(pruned, seg_eval, self.num_classes, ign)
+            log.write(f"before fine-tuning: mIoU {m['miou']:.4f}")
+            per_part = {}
+            for u in units:
+                a = per_part.setdefault(u.part, [0, 0])
+                a[0] += spec["units"][u.name]["kept"]
+                a[1] += u.channels
+            log.write("kept channels per part: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_part.items()))
+            self._finish("prune", pruned, self._arch(spec), log, {"miou_before_finetune": m["miou"],
+                         "kept_per_part": per_part})
+
+        # 5./6. fine-tuning: classification then segmentation (line 11)
+        ft = self._load_or("finetune_cls")
+        if ft is None:
+            log = self._log("finetune_cls")
+            _seed(cfg["seed"] + 3)
+            st = train_classification(pruned.backbone, cls_loader, cfg["finetune"]["cls"], log)
+            self._finish("finetune_cls", pruned, self._arch(self._widths()), log, st)
+            ft = pruned
+        final = self._load_or("finetune_seg")
+        if final is None:
+            log = self._log("finetune_seg")
+            _seed(cfg["seed"] + 4)
+            st = train_segmentation(ft, seg_loader, cfg["finetune"]["seg"], ign, log)
+            self._finish("finetune_seg", ft, self._arch(self._widths()), log, st)
+            final = ft
+
+        # 7. evaluation
+        return self.evaluate(baseline, final, seg_eval, cls_eval)
+
+    def _widths(self) -> dict:
+        return load_json(self._stage_dir("prune") / "arch.json")["widths"]
+
+    def evaluate(self, baseline: nn.Module, pruned: nn.Module, seg_eval, cls_eval) -> dict:
+        log = self._log("evaluate")
+        cfg = self.cfg
+        size = tuple(cfg["data"]["seg"]["input_size"])
+        ev = cfg["eval"]
+        out = {"method": cfg["method"]["name"], "keep_ratio": cfg["prune"]["keep_ratio"],
+               "threshold_mode": cfg["prune"]["threshold_mode"], "input_size": list(size),
+               "eval_split": cfg["eval"]["split"] or cfg["data"]["seg"]["eval_split"],
+               "num_classes": self.num_classes}
+        names = getattr(self.seg_eval, "CLASSES", None)
+        for key, model in (("baseline", baseline), ("pruned", pruned)):
+            m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names)
+            p = profile_model(model, size, threads=ev["threads"], runs=ev["latency_runs"], warmup=ev["latency_warmup"])
+            top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
+            out[key] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_acc": m["mean_acc"],
+                        "per_class_iou": m["per_class_iou"], "params": p["params"], "flops": p["flops"],
+                        "macs": p["macs"], "latency_ms": p["latency_ms"], "latency": p["latency"], "cls_top1": top1}
+            log.write(f"{key}: mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f} params {p['params']} "
+                      f"GFLOPs {p['flops'] / 1e9:.3f} latency {p['latency_ms']:.2f} ms top-1 {top1:.4f}")
+        out["ratios"] = {k: out["pruned"][k] / out["baseline"][k] for k in ("params", "flops", "macs", "latency_ms")}
+        out["delta_miou"] = out["pruned"]["miou"] - out["baseline"]["miou"]
+        out["flops_note"] = "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2"
+        prune_info = load_json(self._stage_dir("prune") / "done.json")
+        out["pruned"]["miou_before_finetune"] = prune_info.get("miou_before_finetune")
+        out["kept_per_part"] = prune_info.get("kept_per_part")
+        out["layer_widths"] = {"baseline": layer_widths(baseline), "pruned": layer_widths(pruned)}
+        self.timings["evaluate"] = round(log.elapsed(), 2)
+        out["stage_wall_s"] = dict(self.timings)
+        out["threads"] = torch.get_num_threads()
+        save_json(self.out / "metrics.json", out)
+        atomic_write_bytes(self.out / "report.md", render_report(out, cfg).encode())
+        save_json(self._stage_dir("evaluate") / "done.json", {"stage": "evaluate", "wall_s": self.timings["evaluate"]})
+        return out
+
+
+def _diff_keys(a, b, path=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff_keys(a.get(k), b.get(k), f"{path}{k}.")
+    elif a != b:
+        yield path.rstrip(".")
+
+
+def render_report(m: dict, cfg: dict) -> str:
+    """Markdown report: baseline vs pruned table with ratios, per-class IoU and stage wall times."""
+    b, p, r = m["baseline"], m["pruned"], m["ratios"]
+    lines = [f"# segprune report: {m['method']} {m['keep_ratio']}x ({m['threshold_mode']})", "",
+             f"Model `{cfg['model']['name']}` (width {cfg['model']['width']}, OS {cfg['model']['output_stride']}), "
+             f"data `{cfg['data']['seg']['name']}` split `{m['eval_split']}`, input {m['input_size'][0]}x{m['input_size'][1]}. "
+             f"{m['flops_note']}. Latency: CPU, batch 1, {b['latency']['warmup']} warm-up runs, median of "
+             f"{b['latency']['runs']}, {b['latency']['threads']} threads.", "",
+             "| model | mIoU (%) | pixel acc (%) | params (M) | GFLOPs | GMACs | latency (ms) | cls top-1 (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, d in (("baseline", b), ("pruned", p)):
+        ratio = (f" ({r['params']:.2f}x)", f" ({r['flops']:.2f}x)", f" ({r['macs']:.2f}x)", f" ({r['latency_ms']:.2f}x)") if key == "pruned" else ("",) * 4
+        delta = "" if key == "baseline" else f" ({100 * m['delta_miou']:+.2f})"
+        lines.append(f"| {key} | {100 * d['miou']:.2f}{delta} | "
+                     f"{100 * d['pixel_acc']:.2f} | {d['params'] / 1e6:.3f}{ratio[0]} | {d['flops'] / 1e9:.3f}{ratio[1]} | "
+                     f"{d['macs'] / 1e9:.3f}{ratio[2]} | {d['latency_ms']:.2f}{ratio[3]} | {100 * d['cls_top1']:.2f} |")
+    lines += ["", f"mIoU of the pruned network before fine-tuning: {100 * (p.get('miou_before_finetune') or float('nan')):.2f}%", "",
+              "Kept channels per part: " + ", ".join(f"{k} {a}/{n}" for k, (a, n) in (m.get("kept_per_part") or {}).items()), "",
+              "## Per-class IoU (%)", "", "| class | baseline | pruned |", "|---|---|---|"]
+    for cls in b["per_class_iou"]:
+        fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        lines.append(f"| {cls} | {fmt(b['per_class_iou'][cls])} | {fmt(p['per_class_iou'].get(cls))} |")
+    lines += ["", "## Wall time per stage (s)", "", "| stage | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in m["stage_wall_s"].items()]
+    return "\n".join(lines) + "\n"
+
+

@@ -1,0 +1,132 @@
+"""Algorithm 1 end to end on a tiny synthetic setting, the run folder, resume and bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segprune.cli import main
+from segprune.config import ConfigError, load_config
+
+TINY = {
+    "seed": 3,
+    "threads": 1,
+    "model": {"name": "deeplabv3_resnet18", "width": 0.125, "aspp_channels": 16, "output_stride": 16},
+    "data": {
+        "seg": {"name": "synthetic", "input_size": [32, 32], "crop_size": [32, 32], "image_size": [32, 32],
+                "num_train": 16, "num_eval": 8, "batch_size": 4, "eval_batch_size": 8},
+        "cls": {"name": "synthetic", "input_size": [16, 16], "image_size": [16, 16], "num_train": 32, "num_eval": 16,
+                "batch_size": 8, "eval_batch_size": 16},
+    },
+    "train": {"pretrain_cls": {"epochs": 1, "lr": 0.05}, "seg": {"epochs": 2, "lr": 0.02}},
+    "method": {"epochs": 1, "alpha1": 0.05, "alpha2": 0.05, "mu0": 0.1, "rho": 1.2, "mu_max": 5.0, "update_every": 1},
+    "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 1},
+    "finetune": {"cls": {"epochs": 1, "lr": 0.01}, "seg": {"epochs": 1, "lr": 0.01}},
+    "eval": {"latency_runs": 2, "latency_warmup": 1},
+}
+
+
+def _write(tmp_path, cfg=TINY, name="tiny.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _write(tmp)
+    out = tmp / "out"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    return cfg, out
+
+
+def test_run_folder_contents_and_metrics(finished_run):
+    _, out = finished_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "mtp" and m["keep_ratio"] == 0.5 and m["threshold_mode"] == "ind"
+    assert m["input_size"] == [32, 32]
+    for key in ("baseline", "pruned"):
+        for k in ("miou", "pixel_acc", "params", "flops", "macs", "latency_ms"):
+            assert k in m[key]
+        assert 0.0 <= m[key]["miou"] <= 1.0
+        assert m[key]["flops"] == 2 * m[key]["macs"]
+    assert m["pruned"]["params"] < 0.8 * m["baseline"]["params"]
+    assert m["pruned"]["flops"] < m["baseline"]["flops"]
+    kept = m["kept_per_part"]
+    for part in ("backbone", "decoder"):  # Ind: each part keeps half of its prunable channels
+        assert kept[part][0] == kept[part][1] // 2 + kept[part][1] % 2 or kept[part][0] == kept[part][1] // 2
+    assert (out / "report.md").read_text().count("\n| pruned | ") == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["prune"]["keep_ratio"] == 0.5
+    for st in ("01_pretrain_cls", "02_train_seg", "03_sparsity", "04_prune", "05_finetune_cls", "06_finetune_seg"):
+        assert (out / "stages" / st / "done.json").exists()
+        assert (out / "stages" / st / "model.safetensors").exists()
+    arch = json.loads((out / "stages/06_finetune_seg/arch.json").read_text())
+    assert arch["widths"]["units"]["classifier.1"]["kept"] == 8
+
+
+def test_evaluate_reproduces_recorded_miou(finished_run, capsys):
+    _, out = finished_run
+    assert main(["evaluate", str(out)]) == 0
+    assert "reproduced exactly" in capsys.readouterr().out
+
+
+def test_resume_skips_finished_stages(finished_run, tmp_path):
+    cfg, out = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "stages" / "06_finetune_seg")
+    before = {p: p.stat().st_mtime_ns for p in (copy / "stages").rglob("done.json")}
+    logs = (copy / "logs" / "train_seg.log").read_text()
+    assert main(["run", str(cfg), "--out", str(copy), "--quiet"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert (copy / "logs" / "train_seg.log").read_text() == logs          # not re-trained
+    assert (copy / "stages" / "06_finetune_seg" / "done.json").exists()   # redone
+    a = json.loads((out / "metrics.json").read_text())["pruned"]["miou"]
+    b = json.loads((copy / "metrics.json").read_text())["pruned"]["miou"]
+    assert a == b  # deterministic on CPU
+
+
+def test_other_config_refused_and_nothing_overwritten(finished_run, tmp_path, capsys):
+    cfg, out = finished_run
+    snap = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["run", str(cfg), "--out", str(out), "--quiet", "--set", "prune.keep_ratio=0.75"]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("prune.keep_ratio=1.5", "prune.keep_ratio=1.5"),
+    ("prune.keep_ratio=0", "prune.keep_ratio=0"),
+    ("prune.keep_rato=0.5", "prune.keep_rato: unknown key"),
+    ("method.rho=0.9", "method.rho"),
+    ("train.seg.epochs=-1", "train.seg.epochs"),
+])
+def test_bad_config_values(tmp_path, capsys, override, needle):
+    cfg = _write(tmp_path)
+    out = tmp_path / "o"
+    assert main(["run", str(cfg), "--out", str(out), "--set", override]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_key_in_yaml_lists_every_bad_key(tmp_path):
+    bad = json.loads(json.dumps(TINY))
+    bad["prune"]["keep_ratios"] = 0.5
+    bad["methd"] = {}
+    bad["data"]["seg"]["batch_size"] = 1
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, bad))
+    msg = str(exc.value)
+    assert "prune.keep_ratios: unknown key" in msg and "methd: unknown key" in msg and "data.seg.batch_size" in msg
+    assert "tiny.yaml" in msg
+
+
+def test_missing_data_folder_is_named_before_writing(tmp_path, capsys):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["seg"] = {**cfg["data"]["seg"], "name": "camvid", "root": str(tmp_path / "no_camvid")}
+    out = tmp_path / "o"
+    assert main(["run", str(_write(tmp_path, cfg)), "--out", str(out)]) == 2
+    assert "no_camvid" in capsys.readouterr().err
+    assert not out.exists()
