@@ -14,6 +14,10 @@ import yaml
 __all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "validate", "merge", "demo_config"]
 
 
+#: ``method.name`` values: MTP (segprune/methods/mtp.py) and the baselines of segprune/methods/.
+METHOD_NAMES = ("mtp", "uniform", "slimming", "thinet", "fpgm")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message lists every offending key with its value."""
 
@@ -50,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
         "name": "mtp", "epochs": 10, "lr_seg": 0.005, "lr_cls": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
         "lam": 1.0, "alpha1": 1e-3, "alpha2": 1e-3, "mu0": 0.01, "rho": 1.05, "mu_max": 10.0, "update_every": 20,
         "l1_mode": "proximal", "keep_copy": "w3", "max_iters_per_epoch": None,
+        # baselines (segprune/methods/): slimming's ℓ1 strength, uniform from scratch, ThiNet calibration
+        "alpha": 1e-3, "from_scratch": False, "calib_batches": 2, "samples_per_batch": 64,
     },
     "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 4, "prune_coupled": False},
     "finetune": {
@@ -198,7 +204,11 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
         mi = st["max_iters_per_epoch"]
         need(mi is None or (_num(mi, int) and mi > 0), f"{name}.max_iters_per_epoch", "must be null or > 0")
     me = cfg["method"]
-    need(me["name"] in ("mtp",), "method.name", "must be one of: mtp")
+    need(me["name"] in METHOD_NAMES, "method.name", "must be one of: " + ", ".join(METHOD_NAMES))
+    need(_num(me["alpha"]) and me["alpha"] >= 0, "method.alpha", "must be >= 0")
+    need(isinstance(me["from_scratch"], bool), "method.from_scratch", "must be true or false")
+    for key in ("calib_batches", "samples_per_batch"):
+        need(_num(me[key], int) and me[key] > 0, f"method.{key}", "must be a positive integer")
     need(_num(me["epochs"], int) and me["epochs"] >= 0, "method.epochs", "must be an integer >= 0")
     for key in ("lr_seg", "lr_cls", "lam", "mu0"):
         need(_num(me[key]) and me[key] > 0, f"method.{key}", "must be > 0")

@@ -30,7 +30,9 @@ from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
 from .engine.profile import profile_model
 from .engine.train import make_loader, train_classification, train_segmentation
+from .methods.base import build_method
 from .methods.mtp import run_mtp
+from .methods.uniform import reinitialize_
 from .models import build_model
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, prune_channels, select_channels, unit_gammas, widths_spec
 
@@ -201,16 +203,20 @@ class Pipeline:
         units = discover_units(base, graph, cfg["prune"]["prune_coupled"])
         sparse_dir = self._stage_dir("sparsity")
         sparse = self._load_or("sparsity")
+        method = cfg["method"]["name"]
         if sparse is None:
             log = self._log("sparsity")
             _seed(cfg["seed"] + 2)
-            mtp = run_mtp(base, units, cls_loader, seg_loader, cfg["method"], ign, log)
-            sources = mtp.score_sources()
-            scores = unit_gammas(base, units, sources)
+            if method == "mtp":
+                mtp = run_mtp(base, units, cls_loader, seg_loader, cfg["method"], ign, log)
+                scores = unit_gammas(base, units, mtp.score_sources())
+                info = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
+            else:  # baselines: optional sparsity training, scores taken at the prune stage
+                info = build_method(cfg["method"]).train(base, units, seg_loader, cls_loader, ign, log) or {}
+                scores = unit_gammas(base, units)
             sparse_dir.mkdir(parents=True, exist_ok=True)
             save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
-            self._finish("sparsity", base, self._arch(None), log,
-                         {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps})
+            self._finish("sparsity", base, self._arch(None), log, {"method": method, **info})
             sparse = base
         scores = load_state_dict(sparse_dir / "scores.safetensors")
 
@@ -221,9 +227,17 @@ class Pipeline:
             log = self._log("prune")
             graph = build_graph(sparse, tuple(cfg["data"]["seg"]["input_size"]))
             units = discover_units(sparse, graph, pr["prune_coupled"])
-            kept = select_channels(scores, {u.name: u.part for u in units}, pr["keep_ratio"],
-                                   pr["threshold_mode"], pr["min_channels"])
+            if method == "mtp":  # γ1 from W1, γ2 from W2 (Algorithm 1, line 9), Ind/Uni thresholds
+                kept = select_channels(scores, {u.name: u.part for u in units}, pr["keep_ratio"],
+                                       pr["threshold_mode"], pr["min_channels"])
+            else:
+                calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
+                kept = build_method(cfg["method"]).select(sparse, units, pr["keep_ratio"], pr["threshold_mode"],
+                                                          pr["min_channels"], calib_loader=calib)
             pruned = prune_channels(sparse, units, kept, graph)
+            if method == "uniform" and cfg["method"]["from_scratch"]:
+                reinitialize_(pruned)  # Uniform width trained from scratch: fine-tuning becomes training
+                log.write("uniform from_scratch: pruned network re-initialised")
             spec = widths_spec(units, kept, pr["prune_coupled"])
             m = evaluate_segmentation(pruned, seg_eval, self.num_classes, ign)
             log.write(f"before fine-tuning: mIoU {m['miou']:.4f}")

@@ -63,7 +63,10 @@ def test_run_folder_contents_and_metrics(finished_run):
         assert (out / "stages" / st / "done.json").exists()
         assert (out / "stages" / st / "model.safetensors").exists()
     arch = json.loads((out / "stages/06_finetune_seg/arch.json").read_text())
-    assert arch["widths"]["units"]["classifier.1"]["kept"] == 8
+    units = arch["widths"]["units"]
+    for part in ("backbone", "decoder"):
+        assert sum(u["kept"] for u in units.values() if u["part"] == part) == kept[part][0]
+        assert sum(u["channels"] for u in units.values() if u["part"] == part) == kept[part][1]
 
 
 def test_evaluate_reproduces_recorded_miou(finished_run, capsys):
@@ -77,7 +80,8 @@ def test_resume_skips_finished_stages(finished_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "stages" / "06_finetune_seg")
-    before = {p: p.stat().st_mtime_ns for p in (copy / "stages").rglob("done.json")}
+    before = {p: p.stat().st_mtime_ns for p in (copy / "stages").rglob("done.json") if "evaluate" not in str(p)}
+    assert len(before) == 5
     logs = (copy / "logs" / "train_seg.log").read_text()
     assert main(["run", str(cfg), "--out", str(copy), "--quiet"]) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
@@ -130,3 +134,18 @@ def test_missing_data_folder_is_named_before_writing(tmp_path, capsys):
     assert main(["run", str(_write(tmp_path, cfg)), "--out", str(out)]) == 2
     assert "no_camvid" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["uniform", "slimming", "thinet", "fpgm"])
+def test_baseline_methods_through_the_same_pipeline(tmp_path, method):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["method"]["name"] = method
+    cfg["train"]["seg"]["epochs"] = 1
+    out = tmp_path / method
+    assert main(["run", str(_write(tmp_path, cfg)), "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == method
+    assert m["pruned"]["params"] < 0.8 * m["baseline"]["params"]
+    units = json.loads((out / "stages/04_prune/arch.json").read_text())["widths"]["units"]
+    if method != "slimming":  # per-layer methods keep round(p * C) of every unit
+        assert all(u["kept"] == max(1, round(0.5 * u["channels"])) for u in units.values())

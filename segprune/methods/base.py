@@ -1,0 +1,112 @@
+"""Common interface of the baseline pruning criteria (Uniform, Network Slimming, ThiNet, FPGM).
+
+A :class:`PruningMethod` ranks the channels of every prunable unit
+(``segprune.pruning.discover_units``) and chooses which to keep:
+
+* ``per_layer=True`` (Uniform, ThiNet, FPGM — their papers prune every layer by the same ratio):
+  every unit keeps its ``round(p * C)`` best channels (at least ``min(min_channels, C)``),
+  see :func:`per_layer_select`;
+* ``per_layer=False`` (Network Slimming; MTP in ``mtp.py`` works the same way): one percentile
+  threshold per part ("ind") or over all units ("uni"), see
+  ``segprune.pruning.thresholds.select_channels``.
+
+MTP keeps its own entry points in ``segprune.methods.mtp`` and is not registered here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..pruning.groups import PruneUnit
+from ..pruning.thresholds import check_keep_ratio, select_channels
+
+__all__ = ["PruningMethod", "per_layer_select", "METHODS", "register_method", "build_method"]
+
+
+def per_layer_select(scores: dict[str, torch.Tensor], keep_ratio: float, min_channels: int = 1) -> dict[str, torch.Tensor]:
+    """Keep the same fraction of channels in every unit.
+
+    Args:
+        scores: unit name -> importance (C,) (larger = more important).
+        keep_ratio: fraction p in (0, 1); each unit keeps ``k = round(p * C)`` channels (Python
+            ``round``, i.e. halves go to the even integer), but at least ``min(min_channels, C)``.
+        min_channels: lower bound per unit (>= 1).
+
+    Returns:
+        unit name -> sorted LongTensor (k,) of the indices of the k highest-scoring channels
+        (ties broken towards the lower channel index).
+
+    Raises:
+        ValueError: keep_ratio outside (0, 1) or min_channels < 1.
+    """
+    p = check_keep_ratio(keep_ratio)
+    if int(min_channels) < 1:
+        raise ValueError(f"prune.min_channels={min_channels!r} must be >= 1")
+    kept = {}
+    for name, s in scores.items():
+        c = s.numel()
+        k = max(int(round(p * c)), min(int(min_channels), c))
+        top = torch.argsort(s.flatten().double(), descending=True, stable=True)[:k]
+        kept[name] = torch.sort(top).values
+    return kept
+
+
+class PruningMethod:
+    """One pruning criterion. Subclasses set ``name`` and ``per_layer`` and implement :meth:`scores`.
+
+    Args:
+        cfg: the ``method:`` config section (a dict; ``cfg["name"]`` selects the class in
+            :func:`build_method`). Subclasses read their own options from it.
+    """
+
+    name: str = "base"
+    per_layer: bool = True
+
+    def __init__(self, cfg: dict):
+        self.cfg = dict(cfg or {})
+
+    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log) -> None:
+        """Optional sparsity training of ``model`` in place before scoring (default: nothing)."""
+        return None
+
+    def scores(self, model: nn.Module, units: list[PruneUnit], calib_loader=None) -> dict[str, torch.Tensor]:
+        """Unit name -> importance (C,) float tensor, larger = more important."""
+        raise NotImplementedError
+
+    def select(self, model: nn.Module, units: list[PruneUnit], keep_ratio: float, threshold_mode: str = "ind",
+               min_channels: int = 1, calib_loader=None) -> dict[str, torch.Tensor]:
+        """Unit name -> sorted LongTensor of the channel indices to keep.
+
+        ``per_layer`` methods keep ``round(keep_ratio * C)`` channels of each unit
+        (:func:`per_layer_select`; ``threshold_mode`` is ignored); the others use the percentile
+        thresholds of ``select_channels`` with ``threshold_mode`` ("ind" or "uni").
+        """
+        scores = self.scores(model, units, calib_loader)
+        if self.per_layer:
+            return per_layer_select(scores, keep_ratio, min_channels)
+        return select_channels(scores, {u.name: u.part for u in units}, keep_ratio, threshold_mode, min_channels)
+
+
+#: registry name -> class (filled by :func:`register_method` in each method's module).
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: register ``cls`` under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(cfg: dict) -> PruningMethod:
+    """Instantiate the method named ``cfg["name"]`` with ``cfg``.
+
+    Raises:
+        ValueError: missing or unknown name (the message lists the known names).
+    """
+    from . import fpgm, slimming, thinet, uniform  # noqa: F401  (fill the registry)
+
+    name = (cfg or {}).get("name")
+    if name not in METHODS:
+        raise ValueError(f"method.name={name!r} is not a known pruning method; known: {', '.join(sorted(METHODS))}"
+                         " (MTP is run through segprune.methods.mtp)")
+    return METHODS[name](cfg)
