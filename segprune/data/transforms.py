@@ -226,42 +226,6 @@ class SegTrainTransform:
         )
 
 
-class SegEvalTransform:
-    """Evaluation transform: resize the image only; the label keeps its resolution.
-
-    The evaluator is expected to upsample logits to the label size, so metrics
-    are computed at the original annotation resolution.
-
-    Args:
-        input_size: ``(H_in, W_in)`` for the network input (bilinear), or ``None`` to keep.
-        mean, std: per-channel normalisation constants.
-
-    Raises:
-        ValueError: invalid ``input_size``.
-    """
-
-    def __init__(
-        self,
-        input_size: tuple[int, int] | None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        self.input_size = _as_size(input_size, "input_size")
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-
-    def __call__(
-        self, image: Image.Image, label: np.ndarray, rng: np.random.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(float32 (3, H_in, W_in), int64 (H_lab, W_lab))``; ``rng`` is unused."""
-        if self.input_size is not None:
-            image = _resize_image(_rgb(image), self.input_size)
-        return to_tensor_normalized(image, self.mean, self.std), _label_tensor(np.asarray(label))
-
-    def __repr__(self) -> str:
-        return f"SegEvalTransform(input_size={self.input_size})"
-
-
 class ClsTrainTransform:
     """Classification training augmentation (CIFAR-style).
 
@@ -355,3 +319,27 @@ class ClsEvalTransform:
 
     def __repr__(self) -> str:
         return f"ClsEvalTransform(input_size={self.input_size})"
+
+
+class SegEvalTransform(ClsEvalTransform):
+    """Evaluation transform: resize the image only; the label keeps its resolution.
+
+    The evaluator is expected to upsample logits to the label size, so metrics
+    are computed at the original annotation resolution.
+
+    Args:
+        input_size: ``(H_in, W_in)`` for the network input (bilinear), or ``None`` to keep.
+        mean, std: per-channel normalisation constants.
+
+    Raises:
+        ValueError: invalid ``input_size``.
+    """
+
+    def __call__(
+        self, image: Image.Image, label: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(float32 (3, H_in, W_in), int64 (H_lab, W_lab))``; ``rng`` is unused."""
+        return ClsEvalTransform.__call__(self, image), _label_tensor(np.asarray(label))
+
+    def __repr__(self) -> str:
+        return f"SegEvalTransform(input_size={self.input_size})"
