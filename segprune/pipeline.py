@@ -32,7 +32,6 @@ from .engine.profile import profile_model
 from .engine.train import make_loader, train_classification, train_segmentation
 from .methods.base import build_method
 from .methods.mtp import run_mtp
-from .methods.uniform import reinitialize_
 from .models import build_model
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, prune_channels, select_channels, unit_gammas, widths_spec
 
@@ -199,12 +198,16 @@ class Pipeline:
         baseline = copy.deepcopy(base)
 
         # 3. MTP sparsity training (Algorithm 1, lines 1-7)
-        graph = build_graph(base, tuple(cfg["data"]["seg"]["input_size"]))
-        units = discover_units(base, graph, cfg["prune"]["prune_coupled"])
+        size = tuple(cfg["data"]["seg"]["input_size"])
+        pr = cfg["prune"]
         sparse_dir = self._stage_dir("sparsity")
         sparse = self._load_or("sparsity")
         method = cfg["method"]["name"]
+        baseline_method = None if method == "mtp" else build_method(cfg["method"])
+        graph = None
         if sparse is None:
+            graph = build_graph(base, size)  # training changes weights, not structure: reused below
+            units = discover_units(base, graph, pr["prune_coupled"])
             log = self._log("sparsity")
             _seed(cfg["seed"] + 2)
             if method == "mtp":
@@ -212,7 +215,7 @@ class Pipeline:
                 scores = unit_gammas(base, units, mtp.score_sources())
                 info = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
             else:  # baselines: optional sparsity training, scores taken at the prune stage
-                info = build_method(cfg["method"]).train(base, units, seg_loader, cls_loader, ign, log) or {}
+                info = baseline_method.train(base, units, seg_loader, cls_loader, ign, log) or {}
                 scores = unit_gammas(base, units)
             sparse_dir.mkdir(parents=True, exist_ok=True)
             save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
@@ -222,22 +225,21 @@ class Pipeline:
 
         # 4. pruning (lines 9-10): thresholds + physical removal
         pruned = self._load_or("prune")
-        pr = cfg["prune"]
         if pruned is None:
             log = self._log("prune")
-            graph = build_graph(sparse, tuple(cfg["data"]["seg"]["input_size"]))
-            units = discover_units(sparse, graph, pr["prune_coupled"])
+            if graph is None:  # sparsity stage was loaded from disk: trace the loaded model
+                graph = build_graph(sparse, size)
+                units = discover_units(sparse, graph, pr["prune_coupled"])
             if method == "mtp":  # γ1 from W1, γ2 from W2 (Algorithm 1, line 9), Ind/Uni thresholds
                 kept = select_channels(scores, {u.name: u.part for u in units}, pr["keep_ratio"],
                                        pr["threshold_mode"], pr["min_channels"])
             else:
                 calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
-                kept = build_method(cfg["method"]).select(sparse, units, pr["keep_ratio"], pr["threshold_mode"],
-                                                          pr["min_channels"], calib_loader=calib)
+                kept = baseline_method.select(sparse, units, pr["keep_ratio"], pr["threshold_mode"],
+                                              pr["min_channels"], calib_loader=calib)
             pruned = prune_channels(sparse, units, kept, graph)
-            if method == "uniform" and cfg["method"]["from_scratch"]:
-                reinitialize_(pruned)  # Uniform width trained from scratch: fine-tuning becomes training
-                log.write("uniform from_scratch: pruned network re-initialised")
+            if baseline_method is not None:
+                baseline_method.after_prune(pruned, log)
             spec = widths_spec(units, kept, pr["prune_coupled"])
             m = evaluate_segmentation(pruned, seg_eval, self.num_classes, ign)
             log.write(f"before fine-tuning: mIoU {m['miou']:.4f}")

@@ -291,3 +291,15 @@ def test_all_methods_prune_a_toy_deeplab():
         prune_channels(m, units, kept, input_size=(32, 32))
         assert m.classifier[1].in_channels == kept["classifier.0.project.0"].numel()
         assert m.eval()(x).shape == (1, 3, 32, 32)
+
+
+def test_uniform_after_prune_reinitialises_only_from_scratch():
+    import torch
+    from segprune.methods.uniform import Uniform
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with torch.no_grad():
+        net[1].weight.fill_(0.3)
+    Uniform({"name": "uniform", "from_scratch": False}).after_prune(net)
+    assert torch.all(net[1].weight == 0.3)
+    Uniform({"name": "uniform", "from_scratch": True}).after_prune(net)
+    assert torch.all(net[1].weight == 1.0)

@@ -149,3 +149,16 @@ def test_baseline_methods_through_the_same_pipeline(tmp_path, method):
     units = json.loads((out / "stages/04_prune/arch.json").read_text())["widths"]["units"]
     if method != "slimming":  # per-layer methods keep round(p * C) of every unit
         assert all(u["kept"] == max(1, round(0.5 * u["channels"])) for u in units.values())
+
+
+def test_resume_at_prune_stage_gives_same_widths_and_miou(finished_run, tmp_path):
+    cfg, out = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for st in ("04_prune", "05_finetune_cls", "06_finetune_seg", "07_evaluate"):
+        shutil.rmtree(copy / "stages" / st)
+    assert main(["run", str(cfg), "--out", str(copy), "--quiet"]) == 0
+    arch = lambda d: json.loads((d / "stages/06_finetune_seg/arch.json").read_text())["widths"]  # noqa: E731
+    assert arch(copy) == arch(out)
+    assert json.loads((copy / "metrics.json").read_text())["pruned"]["miou"] == \
+        json.loads((out / "metrics.json").read_text())["pruned"]["miou"]

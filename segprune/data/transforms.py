@@ -339,7 +339,7 @@ class SegEvalTransform(ClsEvalTransform):
         self, image: Image.Image, label: np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(float32 (3, H_in, W_in), int64 (H_lab, W_lab))``; ``rng`` is unused."""
-        return ClsEvalTransform.__call__(self, image), _label_tensor(np.asarray(label))
+        return super().__call__(image), _label_tensor(np.asarray(label))
 
     def __repr__(self) -> str:
         return f"SegEvalTransform(input_size={self.input_size})"

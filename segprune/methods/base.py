@@ -73,6 +73,10 @@ class PruningMethod:
         """Unit name -> importance (C,) float tensor, larger = more important."""
         raise NotImplementedError
 
+    def after_prune(self, model: nn.Module, log=None) -> None:
+        """Optional change to the physically pruned ``model`` before fine-tuning (default: nothing)."""
+        return None
+
     def select(self, model: nn.Module, units: list[PruneUnit], keep_ratio: float, threshold_mode: str = "ind",
                min_channels: int = 1, calib_loader=None) -> dict[str, torch.Tensor]:
         """Unit name -> sorted LongTensor of the channel indices to keep.

@@ -61,6 +61,13 @@ class Uniform(PruningMethod):
             raise ValueError(f"method.from_scratch={fs!r} must be true or false")
         self.from_scratch = fs
 
+    def after_prune(self, model: nn.Module, log=None) -> None:
+        """With ``from_scratch``, re-initialise the pruned net: fine-tuning then trains it from scratch."""
+        if self.from_scratch:
+            reinitialize_(model)
+            if log is not None:
+                log.write("uniform from_scratch: pruned network re-initialised")
+
     def scores(self, model: nn.Module, units: list[PruneUnit], calib_loader=None) -> dict[str, torch.Tensor]:
         """Unit name -> Σ over the unit's convs of the filter ℓ1 norms, (C,)."""
         mods = dict(model.named_modules())
