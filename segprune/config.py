@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
               "aspp_channels": 256, "aspp_rates": None},
     "data": {"seg": _SEG_DATA, "cls": _CLS_DATA},
     "train": {
+        # seed of the baseline stages (pre-training, segmentation training); null = the top-level seed.
+        # A sweep over ``seed`` with a fixed ``train.seed`` shares one trained baseline between runs.
+        "seed": None,
         "pretrain_cls": {**_opt(10, 0.1), "schedule": "linear"},
         "seg": {**_opt(30, 0.01), "power": 0.9},
     },
@@ -173,6 +176,7 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
             bad.append(f"{key}={val!r}: {msg}")
 
     need(_num(cfg["seed"], int), "seed", "must be an integer")
+    need(cfg["train"]["seed"] is None or _num(cfg["train"]["seed"], int), "train.seed", "must be null or an integer")
     need(cfg["threads"] is None or (_num(cfg["threads"], int) and cfg["threads"] > 0), "threads", "must be null or a positive integer")
     m = cfg["model"]
     need(_num(m["width"]) and m["width"] > 0, "model.width", "must be > 0")

@@ -16,6 +16,10 @@ The run folder holds ``config.yaml`` (resolved), ``logs/``, ``metrics.json`` and
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,12 +34,12 @@ from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
 from .engine.profile import profile_model
 from .engine.train import make_loader, train_classification, train_segmentation
-from .methods.base import build_method
+from .methods.base import build_method, method_config
 from .methods.mtp import run_mtp
 from .models import build_model
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, prune_channels, select_channels, unit_gammas, widths_spec
 
-__all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT"]
+__all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed"]
 
 STAGES = ("pretrain_cls", "train_seg", "sparsity", "prune", "finetune_cls", "finetune_seg", "evaluate")
 ARCH_FORMAT = "segprune-arch/1"
@@ -43,6 +47,42 @@ ARCH_FORMAT = "segprune-arch/1"
 
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+#: Data keys that do not change what a stage computes (left out of the fingerprints).
+_DATA_IGNORED = ("validate", "num_workers", "eval_batch_size", "eval_split")
+
+
+def baseline_seed(cfg: dict) -> int:
+    """Seed of the baseline stages: ``train.seed``, or the top-level ``seed`` when that is null."""
+    return int(cfg["seed"] if cfg["train"]["seed"] is None else cfg["train"]["seed"])
+
+
+def stage_fingerprints(cfg: dict) -> dict[str, str]:
+    """Stage -> SHA-256 of every config value the stage's result depends on, chained over stages.
+
+    Two runs whose fingerprints agree up to a stage computed identical results up to that stage,
+    so a finished stage can be shared between them (``Pipeline(share=...)``, the sweep runner):
+    the classification pre-training and the baseline depend on model, data, ``train`` and
+    :func:`baseline_seed`; sparsity training adds ``method``, ``seed`` and which groups are
+    prunable; pruning adds ``prune``; each fine-tuning adds its own section; evaluation ``eval``.
+    """
+    data = {sec: {k: v for k, v in d.items() if k not in _DATA_IGNORED} for sec, d in cfg["data"].items()}
+    parts = {
+        "pretrain_cls": {"model": cfg["model"], "data": data, "train": cfg["train"]["pretrain_cls"],
+                         "seed": baseline_seed(cfg)},
+        "train_seg": {"train": cfg["train"]["seg"]},
+        "sparsity": {"method": method_config(cfg["method"]), "seed": cfg["seed"], "prune_coupled": cfg["prune"]["prune_coupled"]},
+        "prune": {"prune": cfg["prune"]},
+        "finetune_cls": {"finetune": cfg["finetune"]["cls"]},
+        "finetune_seg": {"finetune": cfg["finetune"]["seg"]},
+        "evaluate": {"eval": cfg["eval"], "split": cfg["data"]["seg"]["eval_split"]},
+    }
+    out, prev = {}, ""
+    for stage in STAGES:
+        blob = json.dumps({"prev": prev, **parts[stage]}, sort_keys=True, default=str)
+        prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return out
 
 
 def save_model(stage_dir: Path, model: nn.Module, arch: dict) -> None:
@@ -86,25 +126,35 @@ class Pipeline:
         out_dir: run folder; created if missing; an existing run folder with a *different*
             config is refused (nothing in it is touched).
         quiet: no console output (logs are still written).
+        share: other run folders whose finished stages may be adopted (hard-linked or copied)
+            instead of re-computed, when their fingerprint (:func:`stage_fingerprints`) matches.
 
     Raises:
         ConfigError: invalid config or a run folder made with another config.
         DataError: missing/corrupt data (raised before anything is written).
     """
 
-    def __init__(self, cfg: dict, out_dir: str | Path, quiet: bool = False):
+    def __init__(self, cfg: dict, out_dir: str | Path, quiet: bool = False, share: list[str | Path] | None = None):
         validate(cfg)
         self.cfg, self.out, self.quiet = cfg, Path(out_dir), quiet
+        self.share = [Path(p) for p in share or [] if Path(p).resolve() != Path(out_dir).resolve()]
+        self.fingerprints = stage_fingerprints(cfg)
         self.timings: dict[str, float] = {}
         # --- every check that can fail happens before anything is written -----------------
         dseg, dcls = cfg["data"]["seg"], cfg["data"]["cls"]
         self.num_classes, self.cls_classes = seg_num_classes(dseg), cls_num_classes(dcls)
         self.ignore_index = int(dseg["ignore_index"])
         seed = int(cfg["seed"])
+        self.bseed = baseline_seed(cfg)
         self.seg_train = build_seg_dataset(dseg, dseg["train_split"], True, seed)
         self.seg_eval = build_seg_dataset(dseg, cfg["eval"]["split"] or dseg["eval_split"], False, seed)
         self.cls_train = build_cls_dataset(dcls, dcls["train_split"], True, seed)
         self.cls_eval = build_cls_dataset(dcls, dcls["eval_split"], False, seed)
+        if self.bseed != seed:  # baseline stages see the augmentation stream of their own seed
+            self.seg_train_base = build_seg_dataset(dseg, dseg["train_split"], True, self.bseed)
+            self.cls_train_base = build_cls_dataset(dcls, dcls["train_split"], True, self.bseed)
+        else:
+            self.seg_train_base, self.cls_train_base = self.seg_train, self.cls_train
         for flag, sets in ((dseg.get("validate"), (self.seg_train, self.seg_eval)),
                            (dcls.get("validate"), (self.cls_train, self.cls_eval))):
             for ds in sets:
@@ -138,7 +188,7 @@ class Pipeline:
         d = self._stage_dir(stage)
         if model is not None:
             save_model(d, model, arch)
-        info = {"stage": stage, "wall_s": round(log.elapsed(), 2), **info}
+        info = {"stage": stage, "wall_s": round(log.elapsed(), 2), "fingerprint": self.fingerprints[stage], **info}
         save_json(d / "done.json", info)
         self.timings[stage] = info["wall_s"]
         log.write(f"done in {info['wall_s']:.1f}s")
@@ -148,11 +198,41 @@ class Pipeline:
                 "cls_classes": self.cls_classes, "widths": widths,
                 "input_size": list(self.cfg["data"]["seg"]["input_size"]), "segprune_version": __version__}
 
-    def _loaders(self):
+    def _loaders(self, baseline: bool = False):
         d = self.cfg["data"]
-        s = int(self.cfg["seed"])
-        return (make_loader(self.seg_train, d["seg"]["batch_size"], True, s, d["seg"]["num_workers"]),
-                make_loader(self.cls_train, d["cls"]["batch_size"], True, s, d["cls"]["num_workers"]))
+        s = self.bseed if baseline else int(self.cfg["seed"])
+        seg, cls = (self.seg_train_base, self.cls_train_base) if baseline else (self.seg_train, self.cls_train)
+        return (make_loader(seg, d["seg"]["batch_size"], True, s, d["seg"]["num_workers"]),
+                make_loader(cls, d["cls"]["batch_size"], True, s, d["cls"]["num_workers"]))
+
+    def _adopt(self, stage: str) -> bool:
+        """Take a finished stage with the same fingerprint from a ``share`` folder; True if done."""
+        fp, name = self.fingerprints[stage], self._stage_dir(stage).name
+        for other in self.share:
+            src = other / "stages" / name
+            try:
+                info = load_json(src / "done.json") if (src / "done.json").is_file() else None
+            except CheckpointError:
+                continue
+            if not isinstance(info, dict) or info.get("fingerprint") != fp:
+                continue
+            dst = self._stage_dir(stage)
+            tmp = dst.with_name(name + ".adopting")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in src.iterdir():
+                if f.is_file() and f.name != "done.json":
+                    try:
+                        os.link(f, tmp / f.name)  # files are never rewritten in place: a hard link is safe
+                    except OSError:
+                        shutil.copy2(f, tmp / f.name)
+            save_json(tmp / "done.json", {**info, "shared_from": str(other)})
+            shutil.rmtree(dst, ignore_errors=True)  # an unfinished attempt of this run, if any
+            os.replace(tmp, dst)
+            if not self.quiet:
+                print(f"[{stage}] shared from {src}")
+            return True
+        return False
 
     def _eval_loaders(self):
         d = self.cfg["data"]
@@ -160,6 +240,8 @@ class Pipeline:
                 make_loader(self.cls_eval, d["cls"]["eval_batch_size"], False, 0, d["cls"]["num_workers"]))
 
     def _load_or(self, stage: str):
+        if self._done(stage) is None and self.share:
+            self._adopt(stage)
         if self._done(stage) is not None:
             model, arch = load_run_model(self._stage_dir(stage))
             self.timings[stage] = self._done(stage).get("wall_s", 0.0)
@@ -169,10 +251,17 @@ class Pipeline:
         return None
 
     # ------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Run (or resume) every stage; return the metrics dict also written to metrics.json."""
+    def run(self, stop_after: str | None = None) -> dict | None:
+        """Run (or resume) every stage; return the metrics dict also written to metrics.json.
+
+        ``stop_after``: a stage name; stop once it is done and return None (e.g. ``"train_seg"``
+        trains only the baseline, which a sweep then shares).
+        """
         cfg = self.cfg
+        if stop_after is not None and stop_after not in STAGES:
+            raise ConfigError(f"stop_after={stop_after!r}: not a stage ({', '.join(STAGES)})")
         seg_loader, cls_loader = self._loaders()
+        base_seg_loader, base_cls_loader = self._loaders(baseline=True)
         seg_eval, cls_eval = self._eval_loaders()
         ign = self.ignore_index
 
@@ -180,21 +269,25 @@ class Pipeline:
         model = self._load_or("pretrain_cls")
         if model is None:
             log = self._log("pretrain_cls")
-            _seed(cfg["seed"])
+            _seed(self.bseed)
             model = build_model(dict(cfg["model"]), self.num_classes, self.cls_classes)
-            st = train_classification(model.backbone, cls_loader, cfg["train"]["pretrain_cls"], log)
+            st = train_classification(model.backbone, base_cls_loader, cfg["train"]["pretrain_cls"], log)
             top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
             log.write(f"backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
             self._finish("pretrain_cls", model, self._arch(None), log, {**st, "top1": top1})
+        if stop_after == "pretrain_cls":
+            return None
 
         # 2. segmentation training (Eq. 2): the baseline
         base = self._load_or("train_seg")
         if base is None:
             log = self._log("train_seg")
-            _seed(cfg["seed"] + 1)
-            st = train_segmentation(model, seg_loader, cfg["train"]["seg"], ign, log)
+            _seed(self.bseed + 1)
+            st = train_segmentation(model, base_seg_loader, cfg["train"]["seg"], ign, log)
             self._finish("train_seg", model, self._arch(None), log, st)
             base = model
+        if stop_after == "train_seg":
+            return None
         baseline = copy.deepcopy(base)
 
         # 3. MTP sparsity training (Algorithm 1, lines 1-7)
@@ -221,6 +314,8 @@ class Pipeline:
             save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
             self._finish("sparsity", base, self._arch(None), log, {"method": method, **info})
             sparse = base
+        if stop_after == "sparsity":
+            return None
         scores = load_state_dict(sparse_dir / "scores.safetensors")
 
         # 4. pruning (lines 9-10): thresholds + physical removal
@@ -251,6 +346,8 @@ class Pipeline:
             log.write("kept channels per part: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_part.items()))
             self._finish("prune", pruned, self._arch(spec), log, {"miou_before_finetune": m["miou"],
                          "kept_per_part": per_part})
+        if stop_after == "prune":
+            return None
 
         # 5./6. fine-tuning: classification then segmentation (line 11)
         ft = self._load_or("finetune_cls")
@@ -258,8 +355,12 @@ class Pipeline:
             log = self._log("finetune_cls")
             _seed(cfg["seed"] + 3)
             st = train_classification(pruned.backbone, cls_loader, cfg["finetune"]["cls"], log)
-            self._finish("finetune_cls", pruned, self._arch(self._widths()), log, st)
+            top1 = evaluate_classification(pruned.forward_cls, cls_eval)["top1"]  # the paper's Table 5
+            log.write(f"pruned backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
+            self._finish("finetune_cls", pruned, self._arch(self._widths()), log, {**st, "top1": top1})
             ft = pruned
+        if stop_after == "finetune_cls":
+            return None
         final = self._load_or("finetune_seg")
         if final is None:
             log = self._log("finetune_seg")
@@ -267,6 +368,8 @@ class Pipeline:
             st = train_segmentation(ft, seg_loader, cfg["finetune"]["seg"], ign, log)
             self._finish("finetune_seg", ft, self._arch(self._widths()), log, st)
             final = ft
+        if stop_after == "finetune_seg":
+            return None
 
         # 7. evaluation
         return self.evaluate(baseline, final, seg_eval, cls_eval)
@@ -282,7 +385,8 @@ class Pipeline:
         out = {"method": cfg["method"]["name"], "keep_ratio": cfg["prune"]["keep_ratio"],
                "threshold_mode": cfg["prune"]["threshold_mode"], "input_size": list(size),
                "eval_split": cfg["eval"]["split"] or cfg["data"]["seg"]["eval_split"],
-               "num_classes": self.num_classes}
+               "num_classes": self.num_classes, "seed": cfg["seed"], "baseline_seed": self.bseed,
+               "dataset": cfg["data"]["seg"]["name"], "model": cfg["model"]["name"]}
         names = getattr(self.seg_eval, "CLASSES", None)
         for key, model in (("baseline", baseline), ("pruned", pruned)):
             m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names)
@@ -299,13 +403,16 @@ class Pipeline:
         prune_info = load_json(self._stage_dir("prune") / "done.json")
         out["pruned"]["miou_before_finetune"] = prune_info.get("miou_before_finetune")
         out["kept_per_part"] = prune_info.get("kept_per_part")
+        for key, stage in (("baseline", "pretrain_cls"), ("pruned", "finetune_cls")):  # backbone top-1 after its
+            out[key]["cls_top1_after_cls_stage"] = (self._done(stage) or {}).get("top1")  # classification stage
         out["layer_widths"] = {"baseline": layer_widths(baseline), "pruned": layer_widths(pruned)}
         self.timings["evaluate"] = round(log.elapsed(), 2)
         out["stage_wall_s"] = dict(self.timings)
         out["threads"] = torch.get_num_threads()
         save_json(self.out / "metrics.json", out)
         atomic_write_bytes(self.out / "report.md", render_report(out, cfg).encode())
-        save_json(self._stage_dir("evaluate") / "done.json", {"stage": "evaluate", "wall_s": self.timings["evaluate"]})
+        save_json(self._stage_dir("evaluate") / "done.json", {"stage": "evaluate", "wall_s": self.timings["evaluate"],
+                                                             "fingerprint": self.fingerprints["evaluate"]})
         return out
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import check_keep_ratio, select_channels
 
-__all__ = ["PruningMethod", "per_layer_select", "METHODS", "register_method", "build_method"]
+__all__ = ["PruningMethod", "per_layer_select", "METHODS", "register_method", "build_method", "method_config"]
 
 
 def per_layer_select(scores: dict[str, torch.Tensor], keep_ratio: float, min_channels: int = 1) -> dict[str, torch.Tensor]:
@@ -61,6 +61,9 @@ class PruningMethod:
 
     name: str = "base"
     per_layer: bool = True
+    #: the ``method:`` keys this method reads (they enter the stage fingerprints, so that runs
+    #: differing only in another method's options still share their stages)
+    config_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: dict):
         self.cfg = dict(cfg or {})
@@ -114,3 +117,13 @@ def build_method(cfg: dict) -> PruningMethod:
         raise ValueError(f"method.name={name!r} is not a known pruning method; known: {', '.join(sorted(METHODS))}"
                          " (MTP is run through segprune.methods.mtp)")
     return METHODS[name](cfg)
+
+
+def method_config(cfg: dict) -> dict:
+    """The part of a ``method:`` section that the named method reads (name + its ``config_keys``)."""
+    from .mtp import MTP_CONFIG_KEYS
+    from . import fpgm, slimming, thinet, uniform  # noqa: F401  (fill the registry)
+
+    name = cfg["name"]
+    keys = MTP_CONFIG_KEYS if name == "mtp" else METHODS[name].config_keys
+    return {"name": name, **{k: cfg.get(k) for k in keys}}

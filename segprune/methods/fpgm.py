@@ -44,6 +44,7 @@ class FPGM(PruningMethod):
     """FPGM criterion, one-shot, same ratio in every layer."""
 
     name = "fpgm"
+    config_keys = ()
     per_layer = True
 
     def scores(self, model: nn.Module, units: list[PruneUnit], calib_loader=None) -> dict[str, torch.Tensor]:

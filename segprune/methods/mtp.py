@@ -51,7 +51,11 @@ from ..engine.log import StageLog
 from ..engine.train import check_finite, cycle, iters_per_epoch, linear_lr, poly_lr, set_lr
 from ..pruning.groups import PruneUnit
 
-__all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_"]
+__all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_", "MTP_CONFIG_KEYS"]
+
+#: the ``method:`` keys MTP reads
+MTP_CONFIG_KEYS = ("epochs", "lr_seg", "lr_cls", "momentum", "weight_decay", "lam", "alpha1", "alpha2", "mu0", "rho",
+                   "mu_max", "update_every", "l1_mode", "keep_copy", "max_iters_per_epoch")
 
 
 def l1_prox_(gammas: list[torch.Tensor], threshold: float) -> None:

@@ -46,6 +46,7 @@ class Slimming(PruningMethod):
 
     name = "slimming"
     per_layer = False
+    config_keys = ("alpha", "l1_mode", "epochs", "lr_seg", "momentum", "weight_decay", "max_iters_per_epoch")
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

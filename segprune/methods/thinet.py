@@ -134,6 +134,7 @@ class ThiNet(PruningMethod):
     """
 
     name = "thinet"
+    config_keys = ("calib_batches", "samples_per_batch")
     per_layer = True
 
     def __init__(self, cfg: dict):

@@ -52,6 +52,7 @@ class Uniform(PruningMethod):
     """Uniform width, channels ranked by filter ℓ1 norm (cfg: ``from_scratch`` bool, default False)."""
 
     name = "uniform"
+    config_keys = ("from_scratch",)
     per_layer = True
 
     def __init__(self, cfg: dict):

@@ -1,0 +1,92 @@
+"""`segprune compare` on fixture run folders: aggregation over seeds, ratios, CSV, Pareto front."""
+import csv
+import io
+import json
+import math
+
+import pytest
+import yaml
+
+from segprune.cli import main
+from segprune.compare import collect_runs, group_runs, pareto_front, render_table, write_csv
+
+BASE = {"miou": 0.60, "pixel_acc": 0.9, "params": 1000, "flops": 2000, "macs": 1000, "latency_ms": 10.0, "cls_top1": 0.5}
+
+
+def _run(root, name, method, keep, seed, miou, flops, params, lat, thr="ind", ft_cls=1, base=BASE, fp="base-a"):
+    d = root / name
+    (d / "stages" / "02_train_seg").mkdir(parents=True)
+    (d / "stages" / "05_finetune_cls").mkdir(parents=True)
+    (d / "stages" / "02_train_seg" / "done.json").write_text(json.dumps({"fingerprint": fp}))
+    (d / "stages" / "05_finetune_cls" / "done.json").write_text(json.dumps({"top1": 0.25 + seed / 100}))
+    cfg = {"seed": seed, "method": {"name": method}, "prune": {"keep_ratio": keep, "threshold_mode": thr},
+           "finetune": {"cls": {"epochs": ft_cls}}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    pruned = {"miou": miou, "pixel_acc": 0.8, "params": params, "flops": flops, "macs": flops // 2, "latency_ms": lat,
+              "cls_top1": 0.3, "miou_before_finetune": 0.1}
+    m = {"method": method, "keep_ratio": keep, "threshold_mode": thr, "baseline": base, "pruned": pruned,
+         "delta_miou": miou - base["miou"],
+         "ratios": {k: pruned[k] / base[k] for k in ("params", "flops", "macs", "latency_ms")},
+         "kept_per_part": {"backbone": [int(keep * 100), 100], "decoder": [int(keep * 40), 40]},
+         "layer_widths": {"baseline": {}, "pruned": {}}}
+    (d / "metrics.json").write_text(json.dumps(m))
+    return d
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    root = tmp_path / "sweep"
+    _run(root, "mtp_s0", "mtp", 0.5, 0, 0.58, 1000, 500, 7.0)
+    _run(root, "mtp_s1", "mtp", 0.5, 1, 0.56, 1100, 520, 8.0)
+    _run(root, "fpgm_s0", "fpgm", 0.5, 0, 0.50, 1200, 500, 9.0)
+    _run(root, "mtp_uni_s0", "mtp", 0.5, 0, 0.55, 900, 450, 6.0, thr="uni")
+    return root
+
+
+def test_groups_average_seeds_with_sample_std(sweep_dir):
+    runs = collect_runs([sweep_dir])
+    assert len(runs) == 4
+    groups = {(g["method"], g["threshold"]): g for g in group_runs(runs)}
+    assert set(groups) == {("mtp", "ind"), ("fpgm", "-"), ("mtp", "uni")}
+    g = groups[("mtp", "ind")]
+    assert g["seeds"] == [0, 1]
+    assert g["miou"][0] == pytest.approx(0.57) and g["miou"][1] == pytest.approx(math.sqrt(2) * 0.01)
+    assert g["flops"][0] == pytest.approx((0.5 + 0.55) / 2)
+    assert g["latency"][0] == pytest.approx(0.75)
+    assert g["delta_miou"][0] == pytest.approx(-0.03)
+    assert g["cls_top1_ft"][0] == pytest.approx(0.255)
+    assert g["kept_backbone"][0] == pytest.approx(0.5) and g["kept_decoder"][0] == pytest.approx(0.5)
+    assert groups[("fpgm", "-")]["miou"][1] is None  # one seed: no std
+
+
+def test_markdown_and_csv_tables(sweep_dir):
+    runs = collect_runs([sweep_dir])
+    md = render_table(runs)
+    row = next(line for line in md.splitlines() if line.startswith("| mtp | 0.5× | ind"))
+    assert "57.00 ± 1.41" in row and "-3.00 ± 1.41" in row and "| 0.53 ± 0.04 |" in row
+    rows = list(csv.DictReader(io.StringIO(write_csv(runs))))
+    assert len(rows) == 4
+    fp = next(r for r in rows if r["run"] == "fpgm_s0")
+    assert float(fp["flops_ratio"]) == pytest.approx(0.6) and float(fp["latency_ratio"]) == pytest.approx(0.9)
+    assert float(fp["params_ratio"]) == pytest.approx(0.5)
+
+
+def test_two_baselines_are_kept_apart(sweep_dir):
+    other = dict(BASE, miou=0.7, flops=4000)
+    _run(sweep_dir, "mtp_other", "mtp", 0.5, 0, 0.69, 2000, 500, 7.0, base=other, fp="base-b")
+    md = render_table(collect_runs([sweep_dir]))
+    assert "baseline #2" in md and md.count("| mtp (baseline #") == 3
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.5), (2.0, 0.6), (1.5, 0.4), (3.0, 0.6), (0.5, 0.3)]
+    assert pareto_front(pts) == [4, 0, 1]
+
+
+def test_cli_writes_tables_and_names_bad_folder(sweep_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(sweep_dir), "--out", str(out), "--no-plots"]) == 0
+    assert (out / "table.md").read_text().startswith("| baseline |")
+    assert len((out / "table.csv").read_text().splitlines()) == 5
+    assert main(["compare", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
