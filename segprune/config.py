@@ -15,7 +15,12 @@ __all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "validat
 
 
 #: ``method.name`` values: MTP (segprune/methods/mtp.py) and the baselines of segprune/methods/.
-METHOD_NAMES = ("mtp", "uniform", "slimming", "thinet", "fpgm")
+METHOD_NAMES = ("mtp", "uniform", "slimming", "thinet", "fpgm", "cap", "sirfp", "acosp")
+
+#: Config sections whose keys are free-form (checked by their owner, not by :data:`DEFAULTS`):
+#: ``method.options`` holds method-specific options, validated by the method class
+#: (``segprune.methods.base.PruningMethod.OPTIONS`` / ``check_options``).
+FREE_FORM = ("method.options",)
 
 
 class ConfigError(ValueError):
@@ -59,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
         "l1_mode": "proximal", "keep_copy": "w3", "max_iters_per_epoch": None,
         # baselines (segprune/methods/): slimming's ℓ1 strength, uniform from scratch, ThiNet calibration
         "alpha": 1e-3, "from_scratch": False, "calib_batches": 2, "samples_per_batch": 64,
+        # options of other methods (CAP, SIRFP, ACoSP, ...): {key: value}, checked by the method class
+        "options": {},
     },
     "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 4, "prune_coupled": False},
     "finetune": {
@@ -78,7 +85,9 @@ def merge(base: dict, override: dict, path: str = "", unknown: list | None = Non
             if unknown is not None:
                 unknown.append(full)
             continue
-        if isinstance(base[key], dict) and isinstance(val, dict):
+        if full in FREE_FORM:
+            out[key] = copy.deepcopy(val)
+        elif isinstance(base[key], dict) and isinstance(val, dict):
             out[key] = merge(base[key], val, full + ".", unknown)
         else:
             out[key] = copy.deepcopy(val)
@@ -88,6 +97,11 @@ def merge(base: dict, override: dict, path: str = "", unknown: list | None = Non
 def _set_path(cfg: dict, dotted: str, value: Any, unknown: list) -> None:
     node, keys = cfg, dotted.split(".")
     ref = DEFAULTS
+    if any(dotted.startswith(f + ".") for f in FREE_FORM):  # e.g. method.options.tau_end=0.001
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        return
     for k in keys[:-1]:
         if not isinstance(ref, dict) or k not in ref or not isinstance(ref[k], dict):
             unknown.append(dotted)
@@ -209,6 +223,11 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
         need(mi is None or (_num(mi, int) and mi > 0), f"{name}.max_iters_per_epoch", "must be null or > 0")
     me = cfg["method"]
     need(me["name"] in METHOD_NAMES, "method.name", "must be one of: " + ", ".join(METHOD_NAMES))
+    need(isinstance(me["options"], dict), "method.options", "must be a mapping of method-specific options")
+    need(me["name"] != "mtp" or not me["options"], "method.options", "MTP has no method.options (its keys are method.*)")
+    if me["name"] in METHOD_NAMES and me["name"] != "mtp" and isinstance(me["options"], dict):
+        from .methods.base import check_options
+        bad += check_options(me["name"], me["options"])
     need(_num(me["alpha"]) and me["alpha"] >= 0, "method.alpha", "must be >= 0")
     need(isinstance(me["from_scratch"], bool), "method.from_scratch", "must be true or false")
     for key in ("calib_batches", "samples_per_batch"):

@@ -61,12 +61,22 @@ class PruningMethod:
 
     name: str = "base"
     per_layer: bool = True
+    #: method-specific options read from ``method.options`` (name -> default); a key not listed here
+    #: is a config error. Subclasses may add range checks in :meth:`validate_options`.
+    OPTIONS: dict = {}
     #: the ``method:`` keys this method reads (they enter the stage fingerprints, so that runs
     #: differing only in another method's options still share their stages)
     config_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: dict):
         self.cfg = dict(cfg or {})
+        #: ``method.options`` merged over :attr:`OPTIONS`
+        self.options = {**self.OPTIONS, **(self.cfg.get("options") or {})}
+
+    @classmethod
+    def validate_options(cls, options: dict) -> list[str]:
+        """Range/type problems of the merged options, one string per bad key (default: none)."""
+        return []
 
     def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log) -> None:
         """Optional sparsity training of ``model`` in place before scoring (default: nothing)."""
@@ -104,14 +114,35 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     return cls
 
 
+def _load_all() -> None:
+    """Import every module of ``segprune.methods`` so that each registers its class."""
+    import importlib
+    import pkgutil
+
+    from .. import methods
+    for mod in pkgutil.iter_modules(methods.__path__):
+        if mod.name not in ("base", "mtp"):
+            importlib.import_module(f"{methods.__name__}.{mod.name}")
+
+
+def check_options(name: str, options: dict) -> list[str]:
+    """Config problems of ``method.options`` for method ``name`` (unknown keys, bad values)."""
+    _load_all()
+    cls = METHODS.get(name)
+    if cls is None:
+        return [f"method.name={name!r}: no such method is registered (known: {', '.join(sorted(METHODS))})"]
+    bad = [f"method.options.{k}: unknown option of method {name!r} (known: {', '.join(sorted(cls.OPTIONS)) or 'none'})"
+           for k in options if k not in cls.OPTIONS]
+    return bad + [f"method.options: {p}" for p in cls.validate_options({**cls.OPTIONS, **options})]
+
+
 def build_method(cfg: dict) -> PruningMethod:
     """Instantiate the method named ``cfg["name"]`` with ``cfg``.
 
     Raises:
         ValueError: missing or unknown name (the message lists the known names).
     """
-    from . import fpgm, slimming, thinet, uniform  # noqa: F401  (fill the registry)
-
+    _load_all()
     name = (cfg or {}).get("name")
     if name not in METHODS:
         raise ValueError(f"method.name={name!r} is not a known pruning method; known: {', '.join(sorted(METHODS))}"
@@ -122,8 +153,11 @@ def build_method(cfg: dict) -> PruningMethod:
 def method_config(cfg: dict) -> dict:
     """The part of a ``method:`` section that the named method reads (name + its ``config_keys``)."""
     from .mtp import MTP_CONFIG_KEYS
-    from . import fpgm, slimming, thinet, uniform  # noqa: F401  (fill the registry)
-
+    _load_all()
     name = cfg["name"]
     keys = MTP_CONFIG_KEYS if name == "mtp" else METHODS[name].config_keys
-    return {"name": name, **{k: cfg.get(k) for k in keys}}
+    out = {"name": name, **{k: cfg.get(k) for k in keys}}
+    opts = {} if name == "mtp" else {**METHODS[name].OPTIONS, **(cfg.get("options") or {})}
+    if opts:  # only methods with options: the fingerprints of the others stay as they were
+        out["options"] = opts
+    return out
