@@ -79,6 +79,56 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """Run a grid of runs sharing the baseline; resumable, several workers cooperate."""
+    from .sweep import run_sweep, spawn_workers
+    if args.jobs > 1 and not args.dry_run:
+        return spawn_workers(args.sweep, args.out, args.jobs, args.threads, args.quiet)
+    st = run_sweep(args.sweep, args.out, threads=args.threads, quiet=args.quiet, dry_run=args.dry_run)
+    return 0 if args.dry_run or not st["pending"] or st["running"] else 1
+
+
+def cmd_compare(args) -> int:
+    """Table 2 / Figure 5 / Figure 6 analogs from finished run folders (or sweep folders)."""
+    from .compare import compare
+    compare(args.runs, args.out, n_images=args.images, plots=not args.no_plots, eval_cls=args.eval_cls)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Export a run's pruned (or --baseline) model to ONNX and check it against PyTorch on eval images."""
+    from .config import ConfigError
+    from .deploy import export_run, sidecar_path
+    if args.images < 1:
+        raise ConfigError(f"--images {args.images}: must be >= 1")
+    rec = export_run(args.run_dir, args.onnx, opset=args.opset, images=args.images, baseline=args.baseline)
+    h, w = rec["input_size"]
+    c = rec["check"]
+    print(f"exported the {rec['model']} model of {args.run_dir} ({rec['stage']}) to {args.onnx}: ONNX opset {rec['opset']}, "
+          f"input '{rec['input']}' float32 (N, 3, {h}, {w}) with dynamic N, output '{rec['output']}' (N, {rec['num_classes']}, {h}, {w}); "
+          f"{rec['bytes'] / 1e6:.2f} MB; TorchScript exporter (dynamo=False)")
+    print(f"check on {c['images']} {c['split']} images ({c['pixels']} pixels), ONNX Runtime CPU vs PyTorch: "
+          f"max |logit diff| {c['max_abs_diff']:.3e}, argmax agreement {100 * c['agreement']:.4f} % "
+          f"-> {'OK' if c['ok'] else 'FAILED'} (limits {c['atol']:g}, {100 * c['min_agreement']:g} %)")
+    print(f"record: {sidecar_path(args.onnx)}")
+    return 0 if c["ok"] else 1
+
+
+def cmd_benchmark(args) -> int:
+    """Eager vs ONNX Runtime CPU latency, params and FLOPs of a run's models (or a config's unpruned model)."""
+    from .config import ConfigError
+    from .deploy import benchmark, render_benchmark, write_benchmark
+    if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1) or min(args.batch or [1]) < 1:
+        raise ConfigError("--runs and --batch must be >= 1, --warmup >= 0, --threads >= 1")
+    res = benchmark(args.target, batches=args.batch or [1, 8], runs=args.runs, warmup=args.warmup,
+                    threads=args.threads, onnx=args.onnx, opset=args.opset)
+    out = Path(args.out) if args.out else (Path(args.target) if res["kind"] == "run" else Path("runs") / f"benchmark_{Path(args.target).stem}")
+    print(render_benchmark(res))
+    js, md = write_benchmark(res, out)
+    print(f"written: {js}, {md}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="segprune", description="Channel pruning for semantic segmentation networks (MTP and baselines).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -95,6 +145,38 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="rebuild the pruned model of a run folder and reproduce its mIoU")
     e.add_argument("run_dir")
     e.set_defaults(fn=cmd_evaluate)
+    w = sub.add_parser("sweep", help="run a grid (methods x keep ratios x seeds) sharing the trained baseline; resumable")
+    w.add_argument("sweep", help="sweep YAML: base, set, grid, runs (see segprune/sweep.py)")
+    w.add_argument("--out", help="sweep folder (default runs/<sweep name>)")
+    w.add_argument("--jobs", type=int, default=1, help="worker processes (each takes unfinished runs through lock files)")
+    w.add_argument("--threads", type=int, help="torch threads per worker (default: the config's)")
+    w.add_argument("--dry-run", action="store_true", help="list runs, their state and the estimated remaining time")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(fn=cmd_sweep)
+    c = sub.add_parser("compare", help="table (Markdown + CSV), Pareto / per-layer width plots and a qualitative grid from run folders")
+    c.add_argument("runs", nargs="+", help="run folders, or sweep folders holding run folders")
+    c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    c.add_argument("--images", type=int, default=4, help="eval images in the qualitative grid (0: none)")
+    c.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
+    c.add_argument("--eval-cls", action="store_true", help="evaluate backbone top-1 where a run folder does not record it")
+    c.set_defaults(fn=cmd_compare)
+    x = sub.add_parser("export", help="export a run's pruned model to ONNX (dynamic batch) and check it against PyTorch")
+    x.add_argument("run_dir")
+    x.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file (a FILE.json record is written beside it)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset, 11..20 (default 17)")
+    x.add_argument("--images", type=int, default=8, help="eval images for the ONNX Runtime vs PyTorch check (default 8)")
+    x.add_argument("--baseline", action="store_true", help="export the unpruned baseline (stages/02_train_seg) instead")
+    x.set_defaults(fn=cmd_export)
+    b = sub.add_parser("benchmark", help="eager vs ONNX Runtime CPU latency, params, FLOPs of a run folder (baseline, pruned) or a config")
+    b.add_argument("target", help="run folder, or config YAML (a freshly built unpruned model)")
+    b.add_argument("--batch", type=int, action="append", help="batch size, repeatable (default: 1 and 8)")
+    b.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default 20)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs (default 5)")
+    b.add_argument("--threads", type=int, help="torch and ORT intra-op threads (default: the config's eval.threads / threads, else torch's)")
+    b.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="also time ONNX Runtime (default on)")
+    b.add_argument("--opset", type=int, default=17, help="ONNX opset of the timed export (default 17)")
+    b.add_argument("--out", help="folder for benchmark.json/.md (default: the run folder; runs/benchmark_<config name> for a config)")
+    b.set_defaults(fn=cmd_benchmark)
     return ap
 
 

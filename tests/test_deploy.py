@@ -1,0 +1,171 @@
+"""ONNX export of a run's models (checked against PyTorch) and the eager / ONNX Runtime benchmark."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+from segprune.cli import main
+from segprune.config import DEFAULTS, ConfigError, merge
+from segprune.deploy import eval_images, find_run
+from segprune.pipeline import load_run_model
+
+TINY = {
+    "seed": 3,
+    "threads": 1,
+    "model": {"name": "deeplabv3_resnet18", "width": 0.125, "aspp_channels": 16, "output_stride": 16},
+    "data": {
+        "seg": {"name": "synthetic", "input_size": [32, 32], "crop_size": [32, 32], "image_size": [32, 32],
+                "num_train": 16, "num_eval": 8, "batch_size": 4, "eval_batch_size": 8},
+        "cls": {"name": "synthetic", "input_size": [16, 16], "image_size": [16, 16], "num_train": 32, "num_eval": 16,
+                "batch_size": 8, "eval_batch_size": 16},
+    },
+    "train": {"pretrain_cls": {"epochs": 1, "lr": 0.05}, "seg": {"epochs": 1, "lr": 0.02}},
+    "method": {"epochs": 1, "alpha1": 0.05, "alpha2": 0.05, "mu0": 0.1, "rho": 1.2, "mu_max": 5.0, "update_every": 1},
+    "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 1},
+    "finetune": {"cls": {"epochs": 1, "lr": 0.01}, "seg": {"epochs": 1, "lr": 0.01}},
+    "eval": {"latency_runs": 1, "latency_warmup": 0},
+}
+K, H, W = 5, 32, 32  # synthetic: num_kinds 4 + background
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("deploy")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_export_runs_in_onnxruntime_with_dynamic_batch_and_matches_pytorch(run, tmp_path, capsys):
+    f = tmp_path / "sub" / "pruned.onnx"
+    assert main(["export", str(run), "--onnx", str(f), "--images", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "opset 17" in printed and f"(N, 3, {H}, {W})" in printed and "OK" in printed
+    side = json.loads(Path(str(f) + ".json").read_text())
+    assert side["opset"] == 17 and side["input_size"] == [H, W] and side["model"] == "pruned"
+    assert [o.version for o in onnx.load(str(f)).opset_import if o.domain in ("", "ai.onnx")] == [17]
+    chk = side["check"]
+    assert chk["images"] == 4 and chk["pixels"] == 4 * H * W and chk["ok"] is True
+    assert chk["max_abs_diff"] < 1e-3 and chk["agreement"] > 0.99
+
+    # independent check: real eval images through onnxruntime vs the model rebuilt from the run folder
+    model, _ = load_run_model(run / "stages" / "06_finetune_seg")
+    model.eval()
+    assert side["params"] == sum(p.numel() for p in model.parameters())
+    cfg = merge(DEFAULTS, yaml.safe_load((run / "config.yaml").read_text()))
+    x, _ = eval_images(cfg, 3)
+    sess = _session(f)
+    assert sess.get_inputs()[0].shape[0] == "batch"  # symbolic batch axis
+    for n in (1, 3):
+        got = sess.run(None, {"images": x[:n].numpy()})[0]
+        assert got.shape == (n, K, H, W) and got.dtype == np.float32
+        with torch.no_grad():
+            ref = model(x[:n]).numpy()
+        assert np.abs(got - ref).max() < 1e-3
+        assert (got.argmax(1) == ref.argmax(1)).mean() > 0.99
+
+
+def test_export_baseline_and_other_opset(run, tmp_path):
+    f = tmp_path / "base.onnx"
+    assert main(["export", str(run), "--onnx", str(f), "--opset", "13", "--images", "100", "--baseline"]) == 0
+    side = json.loads((tmp_path / "base.onnx.json").read_text())
+    assert side["opset"] == 13 and side["model"] == "baseline" and side["stage"] == "02_train_seg"
+    assert side["check"]["images"] == TINY["data"]["seg"]["num_eval"]  # capped at the split size
+    assert [o.version for o in onnx.load(str(f)).opset_import if o.domain in ("", "ai.onnx")] == [13]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert side["params"] == metrics["baseline"]["params"] and side["flops"] == metrics["baseline"]["flops"]
+    assert _session(f).run(None, {"images": np.zeros((2, 3, H, W), np.float32)})[0].shape == (2, K, H, W)
+
+
+def test_benchmark_json_entries_and_ratios(run, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["benchmark", str(run), "--batch", "1", "--batch", "2", "--runs", "3", "--warmup", "1",
+            "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| pruned | 2 |" in printed and "onnxruntime " + ort.__version__ in printed
+    res = json.loads((out / "benchmark.json").read_text())
+    assert res["threads"] == 1 and res["input_size"] == [H, W] and res["batches"] == [1, 2]
+    assert res["onnxruntime_version"] == ort.__version__ and res["cpu"]
+    assert set(res["models"]) == {"baseline", "pruned"}
+    for m in res["models"].values():
+        assert m["flops"] == 2 * m["macs"]
+        for b in ("1", "2"):
+            for be in ("eager", "ort"):
+                lat = m["latency"][b][be]
+                assert lat["runs"] >= 3 and lat["warmup"] == 1 and lat["threads"] == 1 and lat["batch_size"] == int(b)
+                assert 0 < lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"]
+    b, p = res["models"]["baseline"], res["models"]["pruned"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (b["flops"], p["flops"]) == (metrics["baseline"]["flops"], metrics["pruned"]["flops"])
+    for bs in ("1", "2"):
+        r = res["ratios"][bs]
+        assert r["flops"] == pytest.approx(p["flops"] / b["flops"], rel=1e-12) and r["flops"] < 1
+        for be in ("eager", "ort"):
+            assert r[be] == pytest.approx(p["latency"][bs][be]["median_ms"] / b["latency"][bs][be]["median_ms"])
+    md = (out / "benchmark.md").read_text()
+    assert "pruned / baseline" in md and "1 thread" in md and f"{H}x{W}" in md and res["cpu"] in md
+
+
+def test_benchmark_of_a_config_without_onnx(run, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "cb"
+    assert main(["benchmark", str(cfg), "--batch", "1", "--runs", "2", "--warmup", "0", "--no-onnx",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "benchmark.json").read_text())
+    assert res["kind"] == "config" and list(res["models"]) == ["unpruned"] and "ratios" not in res
+    lat = res["models"]["unpruned"]["latency"]["1"]
+    assert "ort" not in lat and lat["eager"]["runs"] == 2 and res["threads"] == 1
+    base = json.loads((run / "metrics.json").read_text())["baseline"]
+    assert res["models"]["unpruned"]["flops"] == base["flops"]  # same architecture as the run's baseline
+
+
+@pytest.mark.parametrize("cmd", [["export", "--onnx", "x.onnx"], ["benchmark", "--runs", "1"]])
+def test_not_a_run_folder_exit_2_names_path(tmp_path, capsys, cmd):
+    bad = tmp_path / "not_a_run"
+    bad.mkdir()
+    assert main([cmd[0], str(bad), *cmd[1:]]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not a segprune run folder" in err
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "stages" / "02_train_seg").mkdir(parents=True)
+    (unfinished / "config.yaml").write_text(yaml.safe_dump(TINY))
+    assert main([cmd[0], str(unfinished), *cmd[1:]]) == 2
+    err = capsys.readouterr().err
+    assert str(unfinished) in err and "fine-tuning" in err
+    with pytest.raises(ConfigError, match="not_a_run"):
+        find_run(bad)
+
+
+def test_latency_script_goal_column(run, tmp_path):
+    spec = importlib.util.spec_from_file_location("latency_bench", Path(__file__).parents[1] / "benchmarks" / "latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "lat" / "latency.md"
+    assert mod.main([str(run), "--out", str(out), "--commit", "abc123", "--command", "pytest", "--batch", "1",
+                     "--runs", "2", "--warmup", "0", "--threads", "1"]) == 0
+    md = out.read_text()
+    assert "abc123" in md and "`pytest`" in md and "latency ratio ≤ FLOPs ratio + 0.05" in md
+    raw = json.loads(out.with_suffix(".json").read_text())
+    (row,) = raw["runs"][0]["rows"]
+    assert row["method"] == "mtp" and row["batch"] == 1
+    for be in ("eager", "ort"):
+        d = row[be]
+        assert d["ratio"] == pytest.approx(d["pruned_ms"] / d["baseline_ms"])
+        assert d["goal"] == ("yes" if d["ratio"] <= row["flops_ratio"] + 0.05 else "no")
+        assert f"{d['ratio']:.3f} | **{d['goal']}**" in md
+    assert mod.goal(0.59, 0.55) == "yes" and mod.goal(0.61, 0.55) == "no" and mod.goal(None, 0.5) is None
