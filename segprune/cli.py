@@ -184,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.errors import DataError
+    from .engine.train import NonFiniteLossError
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"segprune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

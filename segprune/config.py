@@ -48,6 +48,8 @@ def _opt(epochs, lr, momentum=0.9, weight_decay=1e-4):
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": None,
+    # in-stage checkpoint every N training iterations (kill-anywhere resume); 0 = stage by stage only
+    "checkpoint_every": 50,
     "model": {"name": "deeplabv3_resnet18", "width": 1.0, "output_stride": 16, "multi_grid": None,
               "aspp_channels": 256, "aspp_rates": None},
     "data": {"seg": _SEG_DATA, "cls": _CLS_DATA},
@@ -190,6 +192,7 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
             bad.append(f"{key}={val!r}: {msg}")
 
     need(_num(cfg["seed"], int), "seed", "must be an integer")
+    need(_num(cfg["checkpoint_every"], int) and cfg["checkpoint_every"] >= 0, "checkpoint_every", "must be an integer >= 0")
     need(cfg["train"]["seed"] is None or _num(cfg["train"]["seed"], int), "train.seed", "must be null or an integer")
     need(cfg["threads"] is None or (_num(cfg["threads"], int) and cfg["threads"] > 0), "threads", "must be null or a positive integer")
     m = cfg["model"]

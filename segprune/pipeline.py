@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num
 from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
 from .engine.profile import profile_model
+from .engine.resume import StageCheckpoint
 from .engine.train import make_loader, train_classification, train_segmentation
 from .methods.base import build_method, method_config
 from .methods.mtp import run_mtp
@@ -190,6 +192,7 @@ class Pipeline:
             save_model(d, model, arch)
         info = {"stage": stage, "wall_s": round(log.elapsed(), 2), "fingerprint": self.fingerprints[stage], **info}
         save_json(d / "done.json", info)
+        self._ckpt(stage).clear()  # the in-stage checkpoint is obsolete only once done.json exists
         self.timings[stage] = info["wall_s"]
         log.write(f"done in {info['wall_s']:.1f}s")
 
@@ -204,6 +207,10 @@ class Pipeline:
         seg, cls = (self.seg_train_base, self.cls_train_base) if baseline else (self.seg_train, self.cls_train)
         return (make_loader(seg, d["seg"]["batch_size"], True, s, d["seg"]["num_workers"]),
                 make_loader(cls, d["cls"]["batch_size"], True, s, d["cls"]["num_workers"]))
+
+    def _ckpt(self, stage: str) -> StageCheckpoint:
+        """In-stage checkpoint of ``stage`` (every ``checkpoint_every`` iterations; 0 = off)."""
+        return StageCheckpoint(self._stage_dir(stage) / "partial.safetensors", int(self.cfg["checkpoint_every"]))
 
     def _adopt(self, stage: str) -> bool:
         """Take a finished stage with the same fingerprint from a ``share`` folder; True if done."""
@@ -221,7 +228,7 @@ class Pipeline:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for f in src.iterdir():
-                if f.is_file() and f.name != "done.json":
+                if f.is_file() and f.name not in ("done.json", "partial.safetensors"):
                     try:
                         os.link(f, tmp / f.name)  # files are never rewritten in place: a hard link is safe
                     except OSError:
@@ -260,8 +267,7 @@ class Pipeline:
         cfg = self.cfg
         if stop_after is not None and stop_after not in STAGES:
             raise ConfigError(f"stop_after={stop_after!r}: not a stage ({', '.join(STAGES)})")
-        seg_loader, cls_loader = self._loaders()
-        base_seg_loader, base_cls_loader = self._loaders(baseline=True)
+        # every stage gets fresh loaders (data order independent of which stages ran in this process)
         seg_eval, cls_eval = self._eval_loaders()
         ign = self.ignore_index
 
@@ -271,7 +277,8 @@ class Pipeline:
             log = self._log("pretrain_cls")
             _seed(self.bseed)
             model = build_model(dict(cfg["model"]), self.num_classes, self.cls_classes)
-            st = train_classification(model.backbone, base_cls_loader, cfg["train"]["pretrain_cls"], log)
+            st = train_classification(model.backbone, self._loaders(baseline=True)[1], cfg["train"]["pretrain_cls"], log,
+                                      ckpt=self._ckpt("pretrain_cls"))
             top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
             log.write(f"backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
             self._finish("pretrain_cls", model, self._arch(None), log, {**st, "top1": top1})
@@ -283,7 +290,8 @@ class Pipeline:
         if base is None:
             log = self._log("train_seg")
             _seed(self.bseed + 1)
-            st = train_segmentation(model, base_seg_loader, cfg["train"]["seg"], ign, log)
+            st = train_segmentation(model, self._loaders(baseline=True)[0], cfg["train"]["seg"], ign, log,
+                                    ckpt=self._ckpt("train_seg"))
             self._finish("train_seg", model, self._arch(None), log, st)
             base = model
         if stop_after == "train_seg":
@@ -304,11 +312,14 @@ class Pipeline:
             log = self._log("sparsity")
             _seed(cfg["seed"] + 2)
             if method == "mtp":
-                mtp = run_mtp(base, units, cls_loader, seg_loader, cfg["method"], ign, log)
+                seg_loader, cls_loader = self._loaders()
+                mtp = run_mtp(base, units, cls_loader, seg_loader, cfg["method"], ign, log, ckpt=self._ckpt("sparsity"))
                 scores = unit_gammas(base, units, mtp.score_sources())
                 info = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
             else:  # baselines: optional sparsity training, scores taken at the prune stage
-                info = baseline_method.train(base, units, seg_loader, cls_loader, ign, log) or {}
+                seg_loader, cls_loader = self._loaders()
+                kw = {"ckpt": self._ckpt("sparsity")} if "ckpt" in inspect.signature(baseline_method.train).parameters else {}
+                info = baseline_method.train(base, units, seg_loader, cls_loader, ign, log, **kw) or {}
                 scores = unit_gammas(base, units)
             sparse_dir.mkdir(parents=True, exist_ok=True)
             save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
@@ -354,7 +365,8 @@ class Pipeline:
         if ft is None:
             log = self._log("finetune_cls")
             _seed(cfg["seed"] + 3)
-            st = train_classification(pruned.backbone, cls_loader, cfg["finetune"]["cls"], log)
+            st = train_classification(pruned.backbone, self._loaders()[1], cfg["finetune"]["cls"], log,
+                                      ckpt=self._ckpt("finetune_cls"))
             top1 = evaluate_classification(pruned.forward_cls, cls_eval)["top1"]  # the paper's Table 5
             log.write(f"pruned backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
             self._finish("finetune_cls", pruned, self._arch(self._widths()), log, {**st, "top1": top1})
@@ -365,7 +377,7 @@ class Pipeline:
         if final is None:
             log = self._log("finetune_seg")
             _seed(cfg["seed"] + 4)
-            st = train_segmentation(ft, seg_loader, cfg["finetune"]["seg"], ign, log)
+            st = train_segmentation(ft, self._loaders()[0], cfg["finetune"]["seg"], ign, log, ckpt=self._ckpt("finetune_seg"))
             self._finish("finetune_seg", ft, self._arch(self._widths()), log, st)
             final = ft
         if stop_after == "finetune_seg":

@@ -31,8 +31,8 @@ class StageLog:
         if not self.quiet:
             print(line, flush=True)
 
-    def progress(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, leave=False, disable=not self.bars, dynamic_ncols=True)
+    def progress(self, total: int, desc: str, initial: int = 0):
+        return tqdm(total=total, desc=desc, leave=False, disable=not self.bars, dynamic_ncols=True, initial=initial)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0

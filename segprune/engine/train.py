@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .log import StageLog
+from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
+                     module_tensors, optimizer_tensors)
 
 __all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "cycle",
            "train_segmentation", "train_classification", "iters_per_epoch"]
@@ -69,86 +71,109 @@ def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
                                  f"lower the learning rate (the last good checkpoint is kept)")
 
 
+def _train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: StageLog, lr_at: Callable[[int, int], float],
+                step: Callable[[torch.Tensor, torch.Tensor, torch.optim.Optimizer, int], dict],
+                epoch_msg: Callable[[dict, int, float], str], ckpt: StageCheckpoint | None) -> dict:
+    """Shared epoch loop of the training functions: LR schedule, periodic in-stage checkpoints
+    (``engine.resume``) and resume. ``step`` returns the batch's running sums (e.g. loss)."""
+    n_it = iters_per_epoch(loader, cfg.get("max_iters_per_epoch"))
+    epochs = int(cfg["epochs"])
+    total = n_it * epochs
+    opt = make_sgd(params, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+    net.train()
+    cursor = LoaderCursor(loader)
+    it, start_epoch, skip, sums, lr = 0, 0, 0, {}, float(cfg["lr"])
+    saved = ckpt.load() if ckpt is not None else None
+    if saved is not None:
+        tensors, meta = saved
+        load_module_tensors("model", net, tensors, str(ckpt.path))
+        load_optimizer_tensors("opt", opt, tensors, str(ckpt.path))
+        it, start_epoch, skip, sums = int(meta["it"]), int(meta["epoch"]), int(meta["batch"]), dict(meta["sums"])
+        cursor.restore(tensors["loader.gen"])
+        torch.set_rng_state(tensors["rng.torch"])  # dropout draws from the global generator
+        log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
+    out: dict = {}
+    for epoch in range(start_epoch, epochs):
+        if epoch != start_epoch:
+            sums, skip = {}, 0
+        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{epochs}", initial=skip)
+        for i, (x, y) in enumerate(cursor.batches(epoch, skip) if skip < n_it else (), start=skip):
+            if i >= n_it:
+                break
+            lr = lr_at(it, total)
+            set_lr(opt, lr)
+            for k, v in step(x, y, opt, it).items():
+                sums[k] = sums.get(k, 0.0) + v
+            it += 1
+            bar.update(1)
+            if ckpt is not None and ckpt.due(it):
+                ckpt.save({**module_tensors("model", net), **optimizer_tensors("opt", opt), "loader.gen": cursor.epoch_state,
+                           "rng.torch": torch.get_rng_state()},
+                          {"it": it, "epoch": epoch, "batch": i + 1, "sums": sums})
+            fault_point(log.stage, it)
+        bar.close()
+        out = {k: v / max(1, n_it) for k, v in sums.items()}
+        log.write(epoch_msg(out, epoch, lr) if total else "no iterations")
+    return {**out, "iters": it}  # the caller deletes the in-stage checkpoint once the stage is saved
+
+
 def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_index: int, log: StageLog,
-                       step_hook: Callable[[int], None] | None = None, post_step: Callable[[float], None] | None = None) -> dict:
+                       step_hook: Callable[[int], None] | None = None, post_step: Callable[[float], None] | None = None,
+                       ckpt: StageCheckpoint | None = None) -> dict:
     """Train ``model`` (images (N,3,H,W) -> logits (N,K,H,W)) with cross-entropy, ignore index excluded.
 
     ``cfg`` keys: epochs, lr, momentum, weight_decay, power, max_iters_per_epoch. ``post_step(lr)``
-    runs after each optimiser step (e.g. a proximal ℓ1 step). Returns {"loss": last epoch mean, "iters"}.
+    runs after each optimiser step (e.g. a proximal ℓ1 step). ``ckpt``: periodic in-stage
+    checkpoint, restored if present (``engine.resume``). Returns {"loss": last epoch mean, "iters"}.
+
+    Raises:
+        NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
+    """
+    def step(x, y, opt, it):
+        loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
+        check_finite(loss, log.stage, it)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step_hook is not None:
+            step_hook(it)
+        opt.step()
+        if post_step is not None:
+            post_step(opt.param_groups[0]["lr"])
+        return {"loss": loss.item()}
+
+    st = _train_loop(model, model.parameters(), loader, cfg, log,
+                     lambda it, total: poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9)), step,
+                     lambda m, e, lr: f"epoch {e + 1}: seg loss {m.get('loss', float('nan')):.4f} lr {lr:.5f}", ckpt)
+    return {"loss": st.get("loss", float("nan")), "iters": st["iters"]}
+
+
+def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: StageLog,
+                         forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         ckpt: StageCheckpoint | None = None) -> dict:
+    """Train a classifier (images (N,3,h,w) -> logits (N,K)) with cross-entropy and linear LR decay.
+
+    ``forward`` defaults to ``net``; pass e.g. ``model.forward_cls`` to train a segmentation
+    model's backbone through its classification head. ``ckpt`` as in :func:`train_segmentation`.
+    Returns {"loss", "acc", "iters"}.
 
     Raises:
         NonFiniteLossError: NaN/inf loss.
     """
-    n_it = iters_per_epoch(loader, cfg.get("max_iters_per_epoch"))
-    total = n_it * int(cfg["epochs"])
-    opt = make_sgd(model.parameters(), cfg["lr"], cfg["momentum"], cfg["weight_decay"])
-    model.train()
-    it, mean = 0, float("nan")
-    for epoch in range(int(cfg["epochs"])):
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        run = 0.0
-        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}")
-        for i, (x, y) in enumerate(loader):
-            if i >= n_it:
-                break
-            lr = poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9))
-            set_lr(opt, lr)
-            loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
-            check_finite(loss, log.stage, it)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if step_hook is not None:
-                step_hook(it)
-            opt.step()
-            if post_step is not None:
-                post_step(lr)
-            run += loss.item()
-            it += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        mean = run / max(1, n_it)
-        log.write(f"epoch {epoch + 1}: seg loss {mean:.4f} lr {lr:.5f}" if total else "no iterations")
-    return {"loss": mean, "iters": it}
-
-
-def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: StageLog,
-                         forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Train a classifier (images (N,3,h,w) -> logits (N,K)) with cross-entropy and linear LR decay.
-
-    ``forward`` defaults to ``net``; pass e.g. ``model.forward_cls`` to train a segmentation
-    model's backbone through its classification head. Returns {"loss", "acc", "iters"}.
-    """
     forward = forward or net
-    n_it = iters_per_epoch(loader, cfg.get("max_iters_per_epoch"))
-    total = n_it * int(cfg["epochs"])
-    opt = make_sgd(net.parameters(), cfg["lr"], cfg["momentum"], cfg["weight_decay"])
-    net.train()
-    it, mean, acc = 0, float("nan"), float("nan")
-    for epoch in range(int(cfg["epochs"])):
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        run, correct, seen = 0.0, 0, 0
-        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}")
-        for i, (x, y) in enumerate(loader):
-            if i >= n_it:
-                break
-            set_lr(opt, linear_lr(cfg["lr"], it, total) if cfg.get("schedule", "linear") == "linear" else cfg["lr"])
-            logits = forward(x)
-            loss = F.cross_entropy(logits, y)
-            check_finite(loss, log.stage, it)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run += loss.item()
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.numel()
-            it += 1
-            bar.update(1)
-        bar.close()
-        mean, acc = run / max(1, n_it), correct / max(1, seen)
-        log.write(f"epoch {epoch + 1}: cls loss {mean:.4f} train top-1 {acc:.3f}")
-    return {"loss": mean, "acc": acc, "iters": it}
+    linear = cfg.get("schedule", "linear") == "linear"
 
+    def step(x, y, opt, it):
+        logits = forward(x)
+        loss = F.cross_entropy(logits, y)
+        check_finite(loss, log.stage, it)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "correct": float((logits.argmax(1) == y).sum()), "seen": float(y.numel())}
 
+    st = _train_loop(net, net.parameters(), loader, cfg, log,
+                     lambda it, total: linear_lr(cfg["lr"], it, total) if linear else cfg["lr"], step,
+                     lambda m, e, lr: f"epoch {e + 1}: cls loss {m.get('loss', float('nan')):.4f} train top-1 "
+                                      f"{m.get('correct', 0.0) / max(1e-12, m.get('seen', 0.0)):.3f}", ckpt)
+    acc = st["correct"] / st["seen"] if st.get("seen") else float("nan")
+    return {"loss": st.get("loss", float("nan")), "acc": acc, "iters": st["iters"]}

@@ -48,7 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.log import StageLog
-from ..engine.train import check_finite, cycle, iters_per_epoch, linear_lr, poly_lr, set_lr
+from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
+                             load_optimizer_tensors, module_tensors, optimizer_tensors)
+from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, set_lr
 from ..pruning.groups import PruneUnit
 
 __all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_", "MTP_CONFIG_KEYS"]
@@ -205,23 +207,41 @@ class MTP:
 
 
 def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cfg: dict, ignore_index: int,
-            log: StageLog) -> MTP:
+            log: StageLog, ckpt: StageCheckpoint | None = None) -> MTP:
     """Alternate Eqs. 7, 8+9 and 10 for ``cfg["epochs"]`` epochs of the segmentation loader.
 
     One iteration = one classification batch (W1 step) + one segmentation batch (W2/W3 step);
     the classification loader is cycled. Learning rates follow the paper's schedules: linear
-    decay for the classification task, poly(0.9) for segmentation (App. 6.1).
+    decay for the classification task, poly(0.9) for segmentation (App. 6.1). ``ckpt``: periodic
+    in-stage checkpoint of W1, W2/W3, E, μ, both optimisers and both data positions, restored if
+    present (``engine.resume``).
     """
     mtp = MTP(model, units, cfg)
     n_it = iters_per_epoch(seg_loader, cfg.get("max_iters_per_epoch"))
     total = n_it * int(cfg["epochs"])
-    cls_iter = cycle(cls_loader)
-    for epoch in range(int(cfg["epochs"])):
-        if hasattr(seg_loader.dataset, "set_epoch"):
-            seg_loader.dataset.set_epoch(epoch)
-        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}")
-        lc = ls = 0.0
-        for i, (x2, y2) in enumerate(seg_loader):
+    cls_iter = ResumableCycle(cls_loader)
+    seg = LoaderCursor(seg_loader)
+    start_epoch, skip, lc, ls = 0, 0, 0.0, 0.0
+    saved = ckpt.load() if ckpt is not None else None
+    if saved is not None:
+        t, meta = saved
+        src = str(ckpt.path)
+        load_module_tensors("model", model, t, src)
+        load_module_tensors("w1", mtp.w1, t, src)
+        load_optimizer_tensors("opt1", mtp.opt1, t, src)
+        load_optimizer_tensors("opt23", mtp.opt23, t, src)
+        mtp.E = [t[f"E.{i}"].clone() for i in range(len(mtp.E))]
+        mtp.mu, mtp.steps = float(meta["mu"]), int(meta["steps"])
+        start_epoch, skip, lc, ls = int(meta["epoch"]), int(meta["batch"]), float(meta["lc"]), float(meta["ls"])
+        seg.restore(t["seg.gen"])
+        torch.set_rng_state(t["rng.torch"])  # dropout draws from the global generator
+        cls_iter.load("cls", t, meta)
+        log.write(f"resumed from {src} at iteration {mtp.steps} (epoch {start_epoch + 1}, batch {skip})")
+    for epoch in range(start_epoch, int(cfg["epochs"])):
+        if epoch != start_epoch:
+            skip, lc, ls = 0, 0.0, 0.0
+        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}", initial=skip)
+        for i, (x2, y2) in enumerate(seg.batches(epoch, skip) if skip < n_it else (), start=skip):
             if i >= n_it:
                 break
             x1, y1 = next(cls_iter)
@@ -231,6 +251,14 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
             if mtp.steps % int(cfg["update_every"]) == 0:
                 mtp.update_multipliers()
             bar.update(1)
+            if ckpt is not None and ckpt.due(mtp.steps):
+                ct, cm = cls_iter.state("cls")
+                ckpt.save({**module_tensors("model", model), **module_tensors("w1", mtp.w1),
+                           **optimizer_tensors("opt1", mtp.opt1), **optimizer_tensors("opt23", mtp.opt23),
+                           **{f"E.{i}": e for i, e in enumerate(mtp.E)}, "seg.gen": seg.epoch_state,
+                           "rng.torch": torch.get_rng_state(), **ct},
+                          {"mu": mtp.mu, "steps": mtp.steps, "epoch": epoch, "batch": i + 1, "lc": lc, "ls": ls, **cm})
+            fault_point(log.stage, mtp.steps)
         bar.close()
         sp = mtp.sparsity()
         log.write(f"epoch {epoch + 1}: l_cls {lc / max(1, n_it):.4f} l_seg {ls / max(1, n_it):.4f} "

@@ -63,7 +63,8 @@ class Slimming(PruningMethod):
             return (lambda it: l1_subgradient_(gammas, self.alpha)), None
         return None, (lambda lr: l1_prox_(gammas, lr * self.alpha))
 
-    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log) -> dict:
+    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
+              ckpt=None) -> dict:
         """Segmentation training with the ℓ1 penalty on the units' γ (Eq. 1), in place.
 
         ``cls_loader`` is unused. Returns the statistics of ``train_segmentation`` plus
@@ -75,7 +76,8 @@ class Slimming(PruningMethod):
         tcfg = {"epochs": int(c.get("epochs", 1)), "lr": float(c["lr_seg"]), "momentum": float(c.get("momentum", 0.9)),
                 "weight_decay": float(c.get("weight_decay", 1e-4)), "power": 0.9,
                 "max_iters_per_epoch": c.get("max_iters_per_epoch")}
-        st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, step_hook=step_hook, post_step=post_step)
+        st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, step_hook=step_hook, post_step=post_step,
+                                ckpt=ckpt)
         n = sum(g.numel() for g in gammas)
         zero = sum(int((g.detach().abs() < 1e-3).sum()) for g in gammas) / max(1, n)
         log.write(f"slimming: alpha {self.alpha:g} ({self.l1_mode}), zero-γ fraction {zero:.3f}")

@@ -1,0 +1,192 @@
+"""Kill-anywhere resume inside a stage: periodic, atomic checkpoints of a training loop.
+
+A training loop (``engine.train``, MTP's ``run_mtp``, Slimming's sparsity training) saves every
+``checkpoint_every`` iterations one safetensors file holding everything its continuation depends
+on: module weights and BN statistics, SGD momentum buffers, the data order (the state of the
+loader's ``torch.Generator`` at the start of the current epoch and the number of batches already
+consumed), the global torch RNG state (dropout), the iteration counter and loop-specific state
+(MTP: W1, E, μ). A loop restarted on the
+same stage folder restores it and continues; on CPU the result is bitwise the one of an
+uninterrupted run (augmentation is seeded per sample and epoch, see ``segprune.data``). The file
+is written atomically (temporary file + rename), so a kill during the write leaves the previous
+checkpoint; it is deleted when the stage finishes. Nothing is unpickled: tensors in safetensors,
+scalars as JSON in its header.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..checkpoint import CheckpointError, load_metadata, load_state_dict, save_state_dict
+
+__all__ = ["StageCheckpoint", "LoaderCursor", "ResumableCycle", "optimizer_tensors", "load_optimizer_tensors",
+           "module_tensors", "load_module_tensors", "fault_point"]
+
+
+def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """SGD state as ``{prefix.<param index>.<key>: tensor}`` (param index over all param groups)."""
+    out = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"{prefix}.{i}.{k}"] = v
+    return out
+
+
+def load_optimizer_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Inverse of :func:`optimizer_tensors`.
+
+    Raises:
+        CheckpointError: an index or shape that does not fit this optimizer (names ``source``).
+    """
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for key, t in tensors.items():
+        if not key.startswith(prefix + "."):
+            continue
+        idx, name = key[len(prefix) + 1:].split(".", 1)
+        i = int(idx)
+        if i >= len(params) or params[i].shape != t.shape:
+            raise CheckpointError(f"{source}: optimizer state {key} does not fit this model (another architecture?)")
+        opt.state[params[i]][name] = t.clone()
+
+
+class LoaderCursor:
+    """Iterates a seeded training loader epoch by epoch and can restart mid-epoch.
+
+    ``batches(epoch, skip)`` calls ``dataset.set_epoch(epoch)``, records (or, when resuming,
+    restores) the loader generator's state at the epoch start, and yields the epoch's batches
+    after skipping ``skip`` of them (those are loaded and dropped; their order is unchanged).
+    Without a resume it yields exactly what ``for x in loader`` yields.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        gen = loader.generator  # None: a user's loader without one; its order is then not restorable
+        self.epoch_state: torch.Tensor = gen.get_state() if gen is not None else torch.empty(0, dtype=torch.uint8)
+        self._restore: torch.Tensor | None = None
+
+    def restore(self, state: torch.Tensor) -> None:
+        """Use ``state`` (a saved :attr:`epoch_state`) at the start of the next ``batches`` call."""
+        self._restore = state.clone()
+
+    def batches(self, epoch: int, skip: int = 0):
+        if hasattr(self.loader.dataset, "set_epoch"):
+            self.loader.dataset.set_epoch(epoch)
+        gen = self.loader.generator
+        if self._restore is not None and gen is not None and self._restore.numel():
+            gen.set_state(self._restore)
+        self._restore = None
+        if gen is not None:
+            self.epoch_state = gen.get_state()
+        for i, batch in enumerate(self.loader):
+            if i >= skip:
+                yield batch
+
+
+class ResumableCycle:
+    """Endless iterator over a loader (as ``engine.train.cycle``) whose position can be saved.
+
+    State: ``epoch``, ``batch`` (consumed in this epoch) and the generator state at the epoch start.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.cursor = LoaderCursor(loader)
+        self.epoch, self.batch = 0, 0
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self.cursor.batches(self.epoch, self.batch)
+        try:
+            b = next(self._it)
+        except StopIteration:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._it = self.cursor.batches(self.epoch)
+            b = next(self._it)
+        self.batch += 1
+        return b
+
+    def state(self, prefix: str) -> tuple[dict, dict]:
+        return {f"{prefix}.gen": self.cursor.epoch_state}, {f"{prefix}.epoch": self.epoch, f"{prefix}.batch": self.batch}
+
+    def load(self, prefix: str, tensors: dict, meta: dict) -> None:
+        self.epoch, self.batch = int(meta[f"{prefix}.epoch"]), int(meta[f"{prefix}.batch"])
+        self.cursor.restore(tensors[f"{prefix}.gen"])
+        self._it = None
+
+
+def fault_point(stage: str, it: int) -> None:
+    """Fault injection for the resume tests: ``SEGPRUNE_KILL_AT=<stage>:<iteration>`` makes the
+    process SIGKILL itself right after that iteration's checkpoint point (never set it otherwise)."""
+    spec = os.environ.get("SEGPRUNE_KILL_AT")
+    if spec and spec == f"{stage}:{it}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StageCheckpoint:
+    """The in-stage checkpoint file ``<stage_dir>/partial.safetensors``.
+
+    Args:
+        path: the file; ``None`` disables checkpointing (every method is then a no-op).
+        every: save every ``every`` iterations (0 disables).
+    """
+
+    def __init__(self, path: str | Path | None, every: int = 0):
+        self.path = Path(path) if path is not None and every else None
+        self.every = int(every)
+
+    def due(self, it: int) -> bool:
+        """True after iteration ``it`` (1-based count of finished iterations) if a save is due."""
+        return self.path is not None and it % self.every == 0
+
+    def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Write tensors + JSON-able ``meta`` atomically (the previous file stays valid until the rename)."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_state_dict(self.path, tensors, {"segprune_partial": json.dumps(meta)})
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(tensors, meta) of the last save, or None if there is none.
+
+        Raises:
+            CheckpointError: the file exists but is unreadable or not a segprune partial checkpoint.
+        """
+        if self.path is None or not self.path.is_file():
+            return None
+        meta = load_metadata(self.path).get("segprune_partial")
+        if meta is None:
+            raise CheckpointError(f"{self.path}: not a segprune in-stage checkpoint (no 'segprune_partial' header)")
+        return load_state_dict(self.path), json.loads(meta)
+
+    def clear(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """``{prefix.<state_dict key>: tensor}``."""
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def load_module_tensors(prefix: str, module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Inverse of :func:`module_tensors` (strict).
+
+    Raises:
+        CheckpointError: missing/unexpected keys or shapes (names ``source``).
+    """
+    sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: in-stage checkpoint does not fit the model: {str(exc)[:300]}") from None
