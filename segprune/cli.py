@@ -1,4 +1,4 @@
-"""Command line: ``segprune demo | run | evaluate``."""
+"""Command line: ``segprune demo | run | evaluate | sweep | compare | benchmark | export``."""
 from __future__ import annotations
 
 import argparse

@@ -3,7 +3,8 @@
 Inputs are run folders (``metrics.json`` + ``config.yaml`` + ``stages/``) or sweep folders (whose
 sub-folders are run folders). Outputs, in ``out``:
 
-* ``table.md`` / ``table.csv``: per setting (method, keep ratio, threshold mode, fine-tuning),
+* ``table.md`` / ``table.csv``: per setting (method, target: a channel keep ratio or a FLOPs ratio
+  (``prune.target_flops_ratio``), threshold mode, fine-tuning),
   mean ± sample std over seeds of mIoU, ΔmIoU to the baseline, params / FLOPs / latency as a
   fraction of the baseline (×), mIoU before fine-tuning, classification top-1 of the pruned
   backbone and kept channels per part; the CSV has one line per run.
@@ -30,6 +31,11 @@ from .config import ConfigError, DEFAULTS, merge
 __all__ = ["RunRecord", "collect_runs", "group_runs", "render_table", "write_csv", "compare"]
 
 
+def target_label(kind: str, value: float) -> str:
+    """Markdown/CSV label of a pruning target: ``"FLOPs 0.50×"`` or ``"channels 0.5×"``."""
+    return f"FLOPs {value:.2f}×" if kind == "flops" else f"channels {value:g}×"
+
+
 class RunRecord:
     """One finished run: its folder, resolved config, metrics and the setting it belongs to."""
 
@@ -38,7 +44,11 @@ class RunRecord:
         self.top1_ft = self.top1_base = None  # filled by collect_runs
         self.name = path.name
         self.method = metrics["method"]
-        self.keep = float(metrics["keep_ratio"])
+        self.keep = float(metrics["keep_ratio"])  # with a FLOPs target: the keep ratio the search found
+        # FLOPs target of the run (prune.target_flops_ratio), None for a channel keep ratio; runs made
+        # before the key existed have none in metrics.json nor in config.yaml
+        t = metrics.get("target_flops_ratio", (cfg.get("prune") or {}).get("target_flops_ratio"))
+        self.target = None if t is None else float(t)
         self.threshold = metrics["threshold_mode"]
         self.seed = int(cfg["seed"])
         self.ft = "seg only" if int(cfg["finetune"]["cls"]["epochs"]) == 0 else "cls+seg"
@@ -66,9 +76,19 @@ class RunRecord:
         return evaluate_classification(model.forward_cls, make_loader(ds, dcls["eval_batch_size"], False, 0))["top1"]
 
     @property
+    def target_kind(self) -> tuple[str, float]:
+        """("flops", target FLOPs ratio) for a run with ``prune.target_flops_ratio``, else ("channels", keep ratio)."""
+        return ("flops", self.target) if self.target is not None else ("channels", self.keep)
+
+    @property
+    def target_label(self) -> str:
+        """"FLOPs 0.50×" or "channels 0.5×": what the run was pruned to."""
+        return target_label(*self.target_kind)
+
+    @property
     def setting(self) -> tuple:
         thr = "-" if self.method in ("uniform", "thinet", "fpgm") else self.threshold
-        return (self.method, self.keep, thr, self.ft, self.baseline_id)
+        return (self.method, self.target_kind, thr, self.ft, self.baseline_id)
 
     def __repr__(self) -> str:
         return f"RunRecord({self.name!r}, {self.method}, {self.keep})"
@@ -120,8 +140,10 @@ def _nan(v):
 def group_runs(runs: list[RunRecord]) -> list[dict]:
     """Aggregate runs of one setting over seeds.
 
-    Returns one dict per setting (first-seen order) with ``method, keep, threshold, finetune,
-    seeds, runs`` and, for each of ``miou, delta_miou, params, flops, latency, miou_before_ft,
+    Returns one dict per setting (first-seen order) with ``method, target`` (label),
+    ``target_kind`` ("channels" / "flops"), ``target_flops_ratio`` (None for a channel keep ratio),
+    ``keep`` (the channel keep ratio; with a FLOPs target the mean of the ratios found), ``keep_std``,
+    ``threshold, finetune, seeds, runs`` and, for each of ``miou, delta_miou, params, flops, latency, miou_before_ft,
     cls_top1, kept_backbone, kept_decoder``, a ``(mean, std|None)`` pair. ``params``, ``flops`` and
     ``latency`` are ratios pruned / baseline; ``kept_*`` fractions of the part's prunable channels.
     """
@@ -129,14 +151,18 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
     for r in runs:
         groups.setdefault(r.setting, []).append(r)
     rows = []
-    for (method, keep, thr, ft, base), rs in groups.items():
+    for (method, (kind, value), thr, ft, base), rs in groups.items():
+        keep, keep_std = _mean_std([r.keep for r in rs])
+
         def col(f):
             return _mean_std([f(r) for r in rs])
 
         def kept(part):
             return lambda r: r.m["kept_per_part"][part][0] / r.m["kept_per_part"][part][1]
         rows.append({
-            "method": method, "keep": keep, "threshold": thr, "finetune": ft, "baseline_id": base,
+            "method": method, "keep": keep, "keep_std": keep_std, "target": target_label(kind, value),
+            "target_kind": kind, "target_flops_ratio": value if kind == "flops" else None,
+            "threshold": thr, "finetune": ft, "baseline_id": base,
             "seeds": sorted(r.seed for r in rs), "runs": [r.name for r in rs],
             "miou": col(lambda r: r.m["pruned"]["miou"]), "delta_miou": col(lambda r: r.m["delta_miou"]),
             "params": col(lambda r: r.m["ratios"]["params"]), "flops": col(lambda r: r.m["ratios"]["flops"]),
@@ -155,6 +181,12 @@ def _pm(ms: tuple[float, float | None], scale: float = 100.0, fmt: str = "{:.2f}
     return s if sd is None else f"{s} ± {fmt.format(scale * sd)}"
 
 
+def _keep(g: dict) -> str:
+    if g["target_kind"] == "channels":
+        return f"{g['keep']:g}×"
+    return f"{g['keep']:.3f}×" if g["keep_std"] is None else f"{g['keep']:.3f} ± {g['keep_std']:.3f}×"
+
+
 def render_table(runs: list[RunRecord]) -> str:
     """Markdown: baseline(s), then one row per setting (mean ± std over seeds), then one row per run."""
     lines = []
@@ -167,20 +199,22 @@ def render_table(runs: list[RunRecord]) -> str:
         b = r.m["baseline"]
         lines.append(f"| {r.cfg['model']['name']} #{i + 1} | {100 * b['miou']:.2f} | {b['params'] / 1e6:.3f} | "
                      f"{b['flops'] / 1e9:.3f} | {b['latency_ms']:.2f} | {100 * _nan(r.top1_base):.2f} |")
-    lines += ["", "| method | keep | threshold | fine-tune | seeds | mIoU (%) | ΔmIoU | params (×) | FLOPs (×) | "
+    lines += ["", "| method | keep | threshold | target | fine-tune | seeds | mIoU (%) | ΔmIoU | params (×) | FLOPs (×) | "
               "latency (×) | mIoU before FT (%) | backbone top-1 after cls FT (%) | kept backbone / decoder (%) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     multi_base = len(bases) > 1
     base_no = {k: i + 1 for i, k in enumerate(bases)}
     for g in group_runs(runs):
         tag = f" (baseline #{base_no[g['baseline_id']]})" if multi_base else ""
         lines.append(
-            f"| {g['method']}{tag} | {g['keep']:g}× | {g['threshold']} | {g['finetune']} | "
+            f"| {g['method']}{tag} | {_keep(g)} | {g['threshold']} | {g['target']} | {g['finetune']} | "
             f"{','.join(map(str, g['seeds']))} | {_pm(g['miou'])} | {_pm(g['delta_miou'], sign=True)} | "
             f"{_pm(g['params'], 1, '{:.2f}')} | {_pm(g['flops'], 1, '{:.2f}')} | {_pm(g['latency'], 1, '{:.2f}')} | "
             f"{_pm(g['miou_before_ft'])} | {_pm(g['cls_top1_ft'])} | "
             f"{100 * g['kept_backbone'][0]:.0f} / {100 * g['kept_decoder'][0]:.0f} |")
-    lines += ["", "Ratios are pruned / baseline of the same run; ± is the sample standard deviation over seeds. "
+    lines += ["", "Target: what each run was pruned to, a channel keep ratio (prune.keep_ratio) or a FLOPs ratio "
+              "(prune.target_flops_ratio; its keep column is the keep ratio the search found, mean over seeds). "
+              "Ratios are pruned / baseline of the same run; ± is the sample standard deviation over seeds. "
               "FLOPs: one multiply-add = 2 FLOPs. Latency: batch 1, median (see each run's report.md for threads). "
               "Backbone top-1: classification eval split, right after the classification stage (MTP paper, Table 5)."]
     return "\n".join(lines) + "\n"
@@ -189,11 +223,16 @@ def render_table(runs: list[RunRecord]) -> str:
 CSV_FIELDS = ["run", "method", "keep_ratio", "threshold_mode", "finetune", "seed", "baseline_miou", "miou", "delta_miou",
               "pixel_acc", "baseline_params", "params", "params_ratio", "baseline_flops", "flops", "flops_ratio",
               "baseline_latency_ms", "latency_ms", "latency_ratio", "miou_before_finetune", "baseline_cls_top1",
-              "cls_top1", "baseline_top1_after_pretrain", "top1_after_cls_finetune", "kept_backbone", "kept_decoder"]
+              "cls_top1", "baseline_top1_after_pretrain", "top1_after_cls_finetune", "kept_backbone", "kept_decoder",
+              "target", "target_flops_ratio", "flops_target_met"]
 
 
 def write_csv(runs: list[RunRecord]) -> str:
-    """CSV text with one line per run (:data:`CSV_FIELDS`); FLOPs in FLOPs (2 per multiply-add)."""
+    """CSV text with one line per run (:data:`CSV_FIELDS`); FLOPs in FLOPs (2 per multiply-add).
+
+    ``target`` is ``flops <ratio>`` or ``channels <keep ratio>``; ``keep_ratio`` is the channel keep
+    ratio used (with a FLOPs target, the one found); ``target_flops_ratio`` / ``flops_target_met`` are
+    empty without a FLOPs target."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
@@ -208,7 +247,9 @@ def write_csv(runs: list[RunRecord]) -> str:
                     "miou_before_finetune": p.get("miou_before_finetune"), "baseline_cls_top1": b["cls_top1"],
                     "cls_top1": p["cls_top1"], "baseline_top1_after_pretrain": r.top1_base,
                     "top1_after_cls_finetune": r.top1_ft, "kept_backbone": k["backbone"][0] / k["backbone"][1],
-                    "kept_decoder": k["decoder"][0] / k["decoder"][1]})
+                    "kept_decoder": k["decoder"][0] / k["decoder"][1],
+                    "target": f"{r.target_kind[0]} {r.target_kind[1]:g}", "target_flops_ratio": r.target,
+                    "flops_target_met": r.m.get("flops_target_met") if r.target is not None else None})
     return buf.getvalue()
 
 
@@ -223,7 +264,8 @@ def _plt():
 def _label(r: RunRecord) -> str:
     thr = "" if r.method in ("uniform", "thinet", "fpgm") else f" {r.threshold}"
     ft = "" if r.ft == "cls+seg" else f" ({r.ft})"
-    return f"{r.method} {r.keep:g}×{thr}{ft}"
+    what = f"FLOPs {r.target:.2f}×" if r.target is not None else f"{r.keep:g}×"
+    return f"{r.method} {what}{thr}{ft}"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -356,8 +398,9 @@ def _primary(runs: list[RunRecord], limit: int = 6) -> list[RunRecord]:
     smallest keep ratio (one per method)."""
     if len({r.setting for r in runs}) <= limit:
         return runs
-    kmin = min(r.keep for r in runs)
-    sel = [r for r in runs if r.keep == kmin and r.ft == "cls+seg" and r.threshold == "ind"]
+    pool = [r for r in runs if r.target is None] or runs  # channel-ratio runs share keep ratios
+    kmin = min(r.keep for r in pool)
+    sel = [r for r in pool if r.keep == kmin and r.ft == "cls+seg" and r.threshold == "ind"]
     return sel or runs[:limit]
 
 

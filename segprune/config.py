@@ -69,7 +69,11 @@ DEFAULTS: dict[str, Any] = {
         # options of other methods (CAP, SIRFP, ACoSP, ...): {key: value}, checked by the method class
         "options": {},
     },
-    "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 4, "prune_coupled": False},
+    # target_flops_ratio: null = prune keep_ratio of the channels; a float in (0, 1) = find the keep ratio
+    # whose pruned FLOPs / unpruned FLOPs (at data.seg.input_size) is within flops_tolerance (absolute)
+    # of it, by bisection (keep_ratio is then ignored); see docs/methods_flops_target.md
+    "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 4, "prune_coupled": False,
+              "target_flops_ratio": None, "flops_tolerance": 0.01},
     "finetune": {
         "cls": {**_opt(2, 0.01), "schedule": "linear"},
         "seg": {**_opt(10, 0.005), "power": 0.9},
@@ -252,6 +256,14 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(_num(pr["keep_ratio"]) and 0 < pr["keep_ratio"] < 1, "prune.keep_ratio", "must lie in (0, 1), e.g. 0.5")
     need(pr["threshold_mode"] in ("ind", "uni"), "prune.threshold_mode", "must be 'ind' or 'uni'")
     need(_num(pr["min_channels"], int) and pr["min_channels"] >= 1, "prune.min_channels", "must be an integer >= 1")
+    tfr, ftol = pr.get("target_flops_ratio"), pr.get("flops_tolerance", 0.01)
+    need(tfr is None or (_num(tfr) and 0 < tfr < 1), "prune.target_flops_ratio",
+         "must be null or lie in (0, 1), e.g. 0.5 for half the FLOPs of the unpruned network")
+    need(_num(ftol) and ftol > 0, "prune.flops_tolerance",
+         "must be > 0 (absolute tolerance on the FLOPs ratio, e.g. 0.01)")
+    need(tfr is None or me["name"] != "acosp", "prune.target_flops_ratio",
+         "ACoSP cannot follow a FLOPs target: its k channels per unit are fixed at training time by "
+         "method.options.keep_ratio; set that (and prune.keep_ratio) instead and leave prune.target_flops_ratio null")
     ev = cfg["eval"]
     need(_num(ev["latency_runs"], int) and ev["latency_runs"] >= 1, "eval.latency_runs", "must be >= 1")
     need(_num(ev["latency_warmup"], int) and ev["latency_warmup"] >= 0, "eval.latency_warmup", "must be >= 0")

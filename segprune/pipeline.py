@@ -29,11 +29,11 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CheckpointError, load_into_model, load_json, load_state_dict, save_json, save_state_dict, atomic_write_bytes
-from .config import ConfigError, validate
+from .config import DEFAULTS, ConfigError, merge, validate
 from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num_classes
 from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
-from .engine.profile import profile_model
+from .engine.profile import count_flops, profile_model
 from .engine.resume import StageCheckpoint
 from .engine.train import make_loader, train_classification, train_segmentation
 from .methods.base import build_method, method_config
@@ -41,7 +41,8 @@ from .methods.mtp import run_mtp
 from .models import build_model
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, prune_channels, select_channels, unit_gammas, widths_spec
 
-__all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed"]
+__all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed",
+           "search_keep_ratio", "pruned_flops"]
 
 STAGES = ("pretrain_cls", "train_seg", "sparsity", "prune", "finetune_cls", "finetune_seg", "evaluate")
 ARCH_FORMAT = "segprune-arch/1"
@@ -60,6 +61,17 @@ def baseline_seed(cfg: dict) -> int:
     return int(cfg["seed"] if cfg["train"]["seed"] is None else cfg["train"]["seed"])
 
 
+#: ``prune`` keys of the FLOPs target; without a target they change nothing and are left out of the
+#: fingerprint, so that runs made before these keys existed keep their fingerprints (and share stages).
+_FLOPS_TARGET_KEYS = ("target_flops_ratio", "flops_tolerance")
+
+
+def _prune_fingerprint(pr: dict) -> dict:
+    if pr.get("target_flops_ratio") is None:
+        return {k: v for k, v in pr.items() if k not in _FLOPS_TARGET_KEYS}
+    return dict(pr)
+
+
 def stage_fingerprints(cfg: dict) -> dict[str, str]:
     """Stage -> SHA-256 of every config value the stage's result depends on, chained over stages.
 
@@ -67,7 +79,8 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
     so a finished stage can be shared between them (``Pipeline(share=...)``, the sweep runner):
     the classification pre-training and the baseline depend on model, data, ``train`` and
     :func:`baseline_seed`; sparsity training adds ``method``, ``seed`` and which groups are
-    prunable; pruning adds ``prune``; each fine-tuning adds its own section; evaluation ``eval``.
+    prunable; pruning adds ``prune`` (with ``target_flops_ratio`` and ``flops_tolerance`` only when a
+    FLOPs target is set); each fine-tuning adds its own section; evaluation ``eval``.
     """
     data = {sec: {k: v for k, v in d.items() if k not in _DATA_IGNORED} for sec, d in cfg["data"].items()}
     parts = {
@@ -75,7 +88,7 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
                          "seed": baseline_seed(cfg)},
         "train_seg": {"train": cfg["train"]["seg"]},
         "sparsity": {"method": method_config(cfg["method"]), "seed": cfg["seed"], "prune_coupled": cfg["prune"]["prune_coupled"]},
-        "prune": {"prune": cfg["prune"]},
+        "prune": {"prune": _prune_fingerprint(cfg["prune"])},
         "finetune_cls": {"finetune": cfg["finetune"]["cls"]},
         "finetune_seg": {"finetune": cfg["finetune"]["seg"]},
         "evaluate": {"eval": cfg["eval"], "split": cfg["data"]["seg"]["eval_split"]},
@@ -85,6 +98,96 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
         blob = json.dumps({"prev": prev, **parts[stage]}, sort_keys=True, default=str)
         prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:20]
     return out
+
+
+def pruned_flops(model: nn.Module, units: list, kept: dict[str, torch.Tensor], input_size: tuple[int, int]) -> int:
+    """FLOPs (2 per multiply-add, :func:`count_flops`) at ``input_size`` of ``model`` pruned to ``kept``.
+
+    Exact: a deep copy is traced, pruned physically with ``prune_channels`` and counted; ``model``
+    itself is not changed.
+    """
+    clone = copy.deepcopy(model)
+    prune_channels(clone, units, kept, build_graph(clone, tuple(input_size)))
+    return int(count_flops(clone, tuple(input_size))["flops"])
+
+
+def search_keep_ratio(model: nn.Module, units: list, select, target: float, tolerance: float,
+                      input_size: tuple[int, int], max_probes: int = 14, log=None,
+                      flops_unpruned: int | None = None) -> dict:
+    """Find the keep ratio p whose selection prunes ``model`` to ``target`` x its FLOPs, by bisection.
+
+    Args:
+        model: the unpruned network (not changed).
+        units: its prunable units.
+        select: ``select(p) -> {unit name: kept indices}``, the method's selection rule on scores
+            computed once (MTP: ``select_channels``; a ``PruningMethod``: ``select_from_scores``).
+            The kept sets must grow with p (true of every rule here), so FLOPs(p) is non-decreasing.
+        target: wanted FLOPs(pruned) / FLOPs(unpruned), in (0, 1).
+        tolerance: absolute tolerance on that ratio (> 0); the search stops at the first probe
+            within it.
+        input_size: (H, W) at which FLOPs are counted.
+        max_probes: at most this many keep ratios are tried (interval [0, 1] halved each time).
+        log: optional ``log(str)``.
+        flops_unpruned: FLOPs of ``model`` if already counted.
+
+    Returns:
+        {"kept", "target_flops_ratio", "flops_tolerance", "keep_ratio_found", "flops_ratio_achieved",
+        "flops_target_met" (|achieved - target| <= tolerance), "flops_unpruned", "flops_pruned",
+        "flops_probes" ([[p, ratio], ...] in probe order)}. When no probe lands within the tolerance
+        (the channel counts are discrete, or min_channels bounds the ratio from below), the probe
+        closest to the target is returned (ties: the one with fewer FLOPs) and ``flops_target_met``
+        is False.
+
+    Raises:
+        ValueError: target outside (0, 1), tolerance <= 0 or max_probes < 1.
+    """
+    target, tolerance = float(target), float(tolerance)
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"prune.target_flops_ratio={target!r} must lie in (0, 1)")
+    if not tolerance > 0.0:
+        raise ValueError(f"prune.flops_tolerance={tolerance!r} must be > 0")
+    if int(max_probes) < 1:
+        raise ValueError(f"max_probes={max_probes!r} must be >= 1")
+    size = tuple(input_size)
+    f0 = int(flops_unpruned) if flops_unpruned is not None else int(count_flops(model, size)["flops"])
+    order = {u.name: i for i, u in enumerate(units)}
+    cache: dict[tuple, int] = {}  # FLOPs depend only on how many channels each unit keeps
+    lo, hi = 0.0, 1.0
+    probes, best = [], None
+    for _ in range(int(max_probes)):
+        p = (lo + hi) / 2.0
+        kept = select(p)
+        key = tuple(sorted((order.get(n, n), int(k.numel())) for n, k in kept.items()))
+        if key not in cache:
+            cache[key] = pruned_flops(model, units, kept, size)
+        flops = cache[key]
+        r = flops / f0
+        probes.append([p, r])
+        if log is not None:
+            log(f"  probe {len(probes)}: keep ratio {p:.6f} -> FLOPs ratio {r:.4f}")
+        cand = (abs(r - target), flops, p, r, kept)
+        if best is None or cand[:2] < best[:2]:
+            best = cand
+        if abs(r - target) <= tolerance:
+            break
+        if r > target:
+            hi = p
+        else:
+            lo = p
+    _, flops, p, r, kept = best
+    met = abs(r - target) <= tolerance
+    if log is not None:
+        if met:
+            log(f"FLOPs target {target:g} met: keep ratio {p:.6f} gives FLOPs ratio {r:.4f} "
+                f"(|diff| {abs(r - target):.4f} <= tolerance {tolerance:g}) after {len(probes)} probes")
+        else:
+            why = ("the smallest widths allowed by prune.min_channels give more FLOPs" if r > target and p < 0.01
+                   else "the discrete channel counts allow no closer ratio")
+            log(f"FLOPs target {target:g} NOT met within tolerance {tolerance:g}: {why}; using the closest "
+                f"achieved ratio {r:.4f} (keep ratio {p:.6f}) after {len(probes)} probes")
+    return {"kept": kept, "target_flops_ratio": target, "flops_tolerance": tolerance, "keep_ratio_found": p,
+            "flops_ratio_achieved": r, "flops_target_met": met, "flops_unpruned": f0, "flops_pruned": flops,
+            "flops_probes": probes}
 
 
 def save_model(stage_dir: Path, model: nn.Module, arch: dict) -> None:
@@ -165,6 +268,11 @@ class Pipeline:
         cfg_file = self.out / "config.yaml"
         if cfg_file.exists():
             old = yaml.safe_load(cfg_file.read_text())
+            if old != cfg and isinstance(old, dict):
+                # a folder made before a config key existed: the key's default is what that run used
+                unknown: list[str] = []
+                filled = merge(DEFAULTS, old, "", unknown)
+                old = old if unknown else filled
             if old != cfg:
                 diff = sorted(_diff_keys(old, cfg))
                 raise ConfigError(f"run folder {self.out} was made with another config (differs at: "
@@ -336,13 +444,37 @@ class Pipeline:
             if graph is None:  # sparsity stage was loaded from disk: trace the loaded model
                 graph = build_graph(sparse, size)
                 units = discover_units(sparse, graph, pr["prune_coupled"])
-            if method == "mtp":  # γ1 from W1, γ2 from W2 (Algorithm 1, line 9), Ind/Uni thresholds
-                kept = select_channels(scores, {u.name: u.part for u in units}, pr["keep_ratio"],
-                                       pr["threshold_mode"], pr["min_channels"])
-            else:
-                calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
-                kept = baseline_method.select(sparse, units, pr["keep_ratio"], pr["threshold_mode"],
-                                              pr["min_channels"], calib_loader=calib)
+            target = pr.get("target_flops_ratio")
+            parts = {u.name: u.part for u in units}
+            flops0 = count_flops(sparse, size)["flops"]  # before prune_channels, which works in place
+            if target is None:
+                if method == "mtp":  # γ1 from W1, γ2 from W2 (Algorithm 1, line 9), Ind/Uni thresholds
+                    kept = select_channels(scores, parts, pr["keep_ratio"], pr["threshold_mode"], pr["min_channels"])
+                else:
+                    calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
+                    kept = baseline_method.select(sparse, units, pr["keep_ratio"], pr["threshold_mode"],
+                                                  pr["min_channels"], calib_loader=calib)
+                flops_info = {"target_flops_ratio": None}
+            else:  # FLOPs target: score once, then bisect the keep ratio of the method's selection rule
+                if method == "acosp":  # validate() refuses this already; kept for configs built by hand
+                    raise ConfigError("prune.target_flops_ratio: ACoSP's k is fixed at training time "
+                                      "(method.options.keep_ratio); leave prune.target_flops_ratio null")
+                if method == "mtp":
+                    def select(p, _s=scores):
+                        return select_channels(_s, parts, p, pr["threshold_mode"], pr["min_channels"])
+                else:
+                    calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
+                    unit_scores = baseline_method.scores(sparse, units, calib_loader=calib)
+
+                    def select(p, _s=unit_scores):
+                        return baseline_method.select_from_scores(_s, units, p, pr["threshold_mode"], pr["min_channels"])
+                log.write(f"FLOPs target {target:g} (tolerance {pr.get('flops_tolerance', 0.01):g}): "
+                          f"prune.keep_ratio={pr['keep_ratio']} is ignored; searching the keep ratio by bisection "
+                          f"at input {size[0]}x{size[1]}")
+                res = search_keep_ratio(sparse, units, select, target, pr.get("flops_tolerance", 0.01), size,
+                                        log=log.write, flops_unpruned=flops0)
+                kept = res.pop("kept")
+                flops_info = res
             pruned = prune_channels(sparse, units, kept, graph)
             if baseline_method is not None:
                 baseline_method.after_prune(pruned, log)
@@ -355,8 +487,16 @@ class Pipeline:
                 a[0] += spec["units"][u.name]["kept"]
                 a[1] += u.channels
             log.write("kept channels per part: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_part.items()))
+            f1 = count_flops(pruned, size)["flops"]  # the pruned network itself (with a target: as in the search)
+            if flops_info.get("flops_pruned") not in (None, f1):
+                log.write(f"warning: the search counted {flops_info['flops_pruned']} FLOPs for this selection, "
+                          f"the pruned network has {f1}; recording the latter")
+            flops_info.update(flops_unpruned=flops0, flops_pruned=f1, flops_ratio_achieved=f1 / flops0)
+            if target is not None:
+                flops_info["flops_target_met"] = abs(f1 / flops0 - target) <= float(flops_info["flops_tolerance"])
+            log.write(f"FLOPs ratio {flops_info['flops_ratio_achieved']:.4f} at input {size[0]}x{size[1]}")
             self._finish("prune", pruned, self._arch(spec), log, {"miou_before_finetune": m["miou"],
-                         "kept_per_part": per_part})
+                         "kept_per_part": per_part, **flops_info})
         if stop_after == "prune":
             return None
 
@@ -413,6 +553,16 @@ class Pipeline:
         out["delta_miou"] = out["pruned"]["miou"] - out["baseline"]["miou"]
         out["flops_note"] = "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2"
         prune_info = load_json(self._stage_dir("prune") / "done.json")
+        # FLOPs target (prune.target_flops_ratio): keep_ratio above is then the keep ratio the search found
+        target = cfg["prune"].get("target_flops_ratio")
+        out["target_flops_ratio"] = target
+        out["flops_tolerance"] = cfg["prune"].get("flops_tolerance") if target is not None else None
+        out["keep_ratio_found"] = prune_info.get("keep_ratio_found") if target is not None else None
+        out["flops_ratio_achieved"] = prune_info.get("flops_ratio_achieved")
+        out["flops_target_met"] = prune_info.get("flops_target_met") if target is not None else None
+        if target is not None and out["keep_ratio_found"] is not None:
+            out["keep_ratio"] = out["keep_ratio_found"]
+            out["keep_ratio_config"] = cfg["prune"]["keep_ratio"]  # ignored under a FLOPs target
         out["pruned"]["miou_before_finetune"] = prune_info.get("miou_before_finetune")
         out["kept_per_part"] = prune_info.get("kept_per_part")
         for key, stage in (("baseline", "pretrain_cls"), ("pruned", "finetune_cls")):  # backbone top-1 after its
@@ -439,7 +589,13 @@ def _diff_keys(a, b, path=""):
 def render_report(m: dict, cfg: dict) -> str:
     """Markdown report: baseline vs pruned table with ratios, per-class IoU and stage wall times."""
     b, p, r = m["baseline"], m["pruned"], m["ratios"]
-    lines = [f"# segprune report: {m['method']} {m['keep_ratio']}x ({m['threshold_mode']})", "",
+    if m.get("target_flops_ratio") is not None:
+        met = "met" if m.get("flops_target_met") else "not met within tolerance, closest achieved"
+        title = (f"{m['method']} FLOPs target {m['target_flops_ratio']:g}x ({m['threshold_mode']}; found keep ratio "
+                 f"{m['keep_ratio']:.4f}, FLOPs ratio {m.get('flops_ratio_achieved') or float('nan'):.4f}, {met})")
+    else:
+        title = f"{m['method']} {m['keep_ratio']}x ({m['threshold_mode']})"
+    lines = [f"# segprune report: {title}", "",
              f"Model `{cfg['model']['name']}` (width {cfg['model']['width']}, OS {cfg['model']['output_stride']}), "
              f"data `{cfg['data']['seg']['name']}` split `{m['eval_split']}`, input {m['input_size'][0]}x{m['input_size'][1]}. "
              f"{m['flops_note']}. Latency: CPU, batch 1, {b['latency']['warmup']} warm-up runs, median of "

@@ -97,8 +97,23 @@ class PruningMethod:
         ``per_layer`` methods keep ``round(keep_ratio * C)`` channels of each unit
         (:func:`per_layer_select`; ``threshold_mode`` is ignored); the others use the percentile
         thresholds of ``select_channels`` with ``threshold_mode`` ("ind" or "uni").
+        Equivalent to :meth:`scores` followed by :meth:`select_from_scores`.
         """
         scores = self.scores(model, units, calib_loader)
+        return self.select_from_scores(scores, units, keep_ratio, threshold_mode, min_channels)
+
+    def select_from_scores(self, scores: dict[str, torch.Tensor], units: list[PruneUnit], keep_ratio: float,
+                           threshold_mode: str = "ind", min_channels: int = 1) -> dict[str, torch.Tensor]:
+        """The selection rule of :meth:`select` applied to precomputed ``scores`` (from :meth:`scores`).
+
+        Lets a caller score once and select at many keep ratios (the FLOPs-target search of the
+        pipeline's prune stage, ``prune.target_flops_ratio``), which matters for expensive scores
+        (ThiNet's greedy, SIRFP's calibration). A method whose :meth:`select` is not "scores, then
+        this rule" must override this too (or refuse a FLOPs target, as ACoSP does in the config).
+
+        Raises:
+            ValueError: keep_ratio outside (0, 1), min_channels < 1, unknown threshold_mode.
+        """
         if self.per_layer:
             return per_layer_select(scores, keep_ratio, min_channels)
         return select_channels(scores, {u.name: u.part for u in units}, keep_ratio, threshold_mode, min_channels)
