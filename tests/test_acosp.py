@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import segprune.methods.acosp as acosp_mod
+from test_pipeline import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
 from segprune.cli import main
 from segprune.engine.log import StageLog
 from segprune.engine.train import make_loader
@@ -218,22 +219,8 @@ def test_acosp_prunes_a_toy_deeplab_losslessly(coupled):
     torch.testing.assert_close(base.eval()(x), before, rtol=1e-4, atol=1e-5)   # masked channels were already zero
 
 
-TINY = {
-    "seed": 3,
-    "threads": 1,
-    "model": {"name": "deeplabv3_resnet18", "width": 0.125, "aspp_channels": 16, "output_stride": 16},
-    "data": {
-        "seg": {"name": "synthetic", "input_size": [32, 32], "crop_size": [32, 32], "image_size": [32, 32],
-                "num_train": 16, "num_eval": 8, "batch_size": 4, "eval_batch_size": 8},
-        "cls": {"name": "synthetic", "input_size": [16, 16], "image_size": [16, 16], "num_train": 32, "num_eval": 16,
-                "batch_size": 8, "eval_batch_size": 16},
-    },
-    "train": {"pretrain_cls": {"epochs": 1, "lr": 0.05}, "seg": {"epochs": 1, "lr": 0.02}},
-    "method": {"epochs": 1, "alpha1": 0.05, "alpha2": 0.05, "mu0": 0.1, "rho": 1.2, "mu_max": 5.0, "update_every": 1},
-    "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 1},
-    "finetune": {"cls": {"epochs": 1, "lr": 0.01}, "seg": {"epochs": 1, "lr": 0.01}},
-    "eval": {"latency_runs": 2, "latency_warmup": 1},
-}
+TINY = copy.deepcopy(_PIPELINE_TINY)
+TINY["train"]["seg"]["epochs"] = 1
 
 
 def test_acosp_through_the_pipeline(tmp_path):
