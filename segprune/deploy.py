@@ -36,6 +36,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_json, save_json, atomic_write_bytes
 from .config import DEFAULTS, ConfigError, load_config, merge
+from .engine.profile import _percentile  # one percentile definition for eager and ORT timings
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "EXPORTER", "INPUT_NAME", "OUTPUT_NAME",
@@ -317,15 +318,6 @@ def export_run(run_dir: str | Path, onnx_path: str | Path, opset: int = DEFAULT_
 # ------------------------------------------------------------------------------------------------
 # latency
 # ------------------------------------------------------------------------------------------------
-def _percentile(sorted_vals: list[float], q: float) -> float:
-    if len(sorted_vals) == 1:
-        return sorted_vals[0]
-    pos = (len(sorted_vals) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] * (1 - (pos - lo)) + sorted_vals[hi] * (pos - lo)
-
-
 def measure_ort_latency(session, input_size: Sequence[int], batch_size: int = 1, warmup: int = 5,
                         runs: int = 20) -> dict:
     """Wall-clock latency of ``session.run`` on a zero ``(batch_size, 3, H, W)`` float32 input.
