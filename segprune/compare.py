@@ -61,8 +61,8 @@ class RunRecord:
         """Top-1 on the classification eval split of the backbone right after ``stage``
         ("pretrain_cls": the baseline's, "finetune_cls": the pruned one's; MTP paper, Table 5).
         Read from the stage's done.json; else evaluated from its weights if ``compute``."""
-        from .pipeline import STAGES
-        d = self.path / "stages" / f"{STAGES.index(stage) + 1:02d}_{stage}"
+        from .pipeline import stage_dir
+        d = stage_dir(self.path, stage)
         info = load_json(d / "done.json") if (d / "done.json").is_file() else {}
         if info.get("top1") is not None or not compute or not info:
             return info.get("top1")

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "validate", "merge", "demo_config"]
+__all__ = ["ConfigError", "DEFAULTS", "load_config", "read_yaml_mapping", "apply_overrides", "validate", "merge", "demo_config"]
 
 
 #: ``method.name`` values: MTP (segprune/methods/mtp.py) and the baselines of segprune/methods/.
@@ -139,6 +139,25 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     return cfg
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """Read a YAML file that must hold a mapping (an empty file is ``{}``).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, or a top level that is not a mapping; the
+            message starts with ``what`` and the path.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping at top level, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
     """Read a YAML config (``None`` = defaults), merge over :data:`DEFAULTS`, apply overrides, validate.
 
@@ -152,15 +171,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     src = "<defaults>"
     if path is not None:
         src = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {src} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {src} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {src} must hold a mapping at top level, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "config file")
     unknown: list[str] = []
     cfg = merge(DEFAULTS, raw, "", unknown)
     problems = [f"{k}: unknown key" for k in unknown]

@@ -42,7 +42,7 @@ from .models import build_model
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, prune_channels, select_channels, unit_gammas, widths_spec
 
 __all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed",
-           "search_keep_ratio", "pruned_flops"]
+           "search_keep_ratio", "pruned_flops", "stage_dir"]
 
 STAGES = ("pretrain_cls", "train_seg", "sparsity", "prune", "finetune_cls", "finetune_seg", "evaluate")
 ARCH_FORMAT = "segprune-arch/1"
@@ -54,6 +54,11 @@ def _seed(seed: int) -> None:
 
 #: Data keys that do not change what a stage computes (left out of the fingerprints).
 _DATA_IGNORED = ("validate", "num_workers", "eval_batch_size", "eval_split")
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """``<run_dir>/stages/NN_<stage>``, NN the stage's 1-based position in :data:`STAGES`."""
+    return Path(run_dir) / "stages" / f"{STAGES.index(stage) + 1:02d}_{stage}"
 
 
 def baseline_seed(cfg: dict) -> int:
@@ -288,7 +293,7 @@ class Pipeline:
         return StageLog(stage, self.out / "logs", quiet=self.quiet)
 
     def _stage_dir(self, stage: str) -> Path:
-        return self.out / "stages" / f"{STAGES.index(stage) + 1:02d}_{stage}"
+        return stage_dir(self.out, stage)
 
     def _done(self, stage: str) -> dict | None:
         f = self._stage_dir(stage) / "done.json"

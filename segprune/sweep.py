@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from .checkpoint import atomic_write_bytes, load_json
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, read_yaml_mapping
 
 __all__ = ["SweepRun", "load_sweep", "run_sweep", "sweep_status"]
 
@@ -75,14 +75,7 @@ def load_sweep(path: str | Path) -> tuple[dict, list[SweepRun]]:
             names, or any run whose config is invalid (every such run is listed).
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {p} does not exist")
-    try:
-        sw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {p} is not valid YAML: {exc}") from None
-    if not isinstance(sw, dict):
-        raise ConfigError(f"sweep file {p}: expected a mapping with keys base, set, grid, runs")
+    sw = read_yaml_mapping(p, "sweep file")
     unknown = sorted(set(sw) - {"base", "set", "grid", "runs", "out"})
     if unknown:
         raise ConfigError(f"sweep file {p}: unknown keys {unknown} (allowed: base, set, grid, runs, out)")
@@ -172,8 +165,8 @@ def _locked_by_other(lock: Path) -> bool:
 
 # ---------------------------------------------------------------------------- state / ETA
 def _stage_done(run_dir: Path, stage: str) -> dict | None:
-    from .pipeline import STAGES
-    f = run_dir / "stages" / f"{STAGES.index(stage) + 1:02d}_{stage}" / "done.json"
+    from .pipeline import stage_dir
+    f = stage_dir(run_dir, stage) / "done.json"
     try:
         return load_json(f) if f.is_file() else None
     except Exception:

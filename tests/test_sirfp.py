@@ -11,6 +11,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from test_baselines import Toy  # conv1-bn1 -> conv2-bn2 -> conv3 toy net
 from test_pipeline import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
 from segprune.cli import main
 from segprune.engine.log import StageLog
@@ -38,24 +39,6 @@ def manual_redundancy(feat):
             for b in range(c):
                 out[a][b] += sum(x * y for x, y in zip(normed[a], normed[b])) / n
     return torch.tensor(out, dtype=torch.float64)
-
-
-class Toy(nn.Module):
-    """conv1(3->4)-bn1-relu -> conv2(4->4)-bn2-relu -> conv3(4->K, never pruned): units conv1, conv2."""
-
-    def __init__(self, k: int = 3):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.conv3 = nn.Conv2d(4, k, 1)
-        self.parts = {"backbone": "conv1", "decoder": "conv"}
-        self.never_prune = ("conv3",)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.conv3(F.relu(self.bn2(self.conv2(x))))
 
 
 def _loader(n=4, k=3, size=8, bs=2, seed=0):

@@ -90,7 +90,7 @@ class LoaderCursor:
 
 
 class ResumableCycle:
-    """Endless iterator over a loader (as ``engine.train.cycle``) whose position can be saved.
+    """Endless iterator over a loader, one epoch after another, whose position can be saved.
 
     State: ``epoch``, ``batch`` (consumed in this epoch) and the generator state at the epoch start.
     """

@@ -5,7 +5,7 @@ seeded ``torch.Generator``, augmentation from per-sample seeds, see ``segprune.d
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors)
 
-__all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "cycle",
+__all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd",
            "train_segmentation", "train_classification", "iters_per_epoch"]
 
 
@@ -53,16 +53,6 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def make_sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def cycle(loader: DataLoader, start_epoch: int = 0) -> Iterator:
-    """Endless iterator over ``loader``; calls ``dataset.set_epoch`` before each pass."""
-    epoch = start_epoch
-    while True:
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
