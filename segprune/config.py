@@ -73,7 +73,9 @@ DEFAULTS: dict[str, Any] = {
     # whose pruned FLOPs / unpruned FLOPs (at data.seg.input_size) is within flops_tolerance (absolute)
     # of it, by bisection (keep_ratio is then ignored); see docs/methods_flops_target.md
     "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 4, "prune_coupled": False,
-              "target_flops_ratio": None, "flops_tolerance": 0.01},
+              "target_flops_ratio": None, "flops_tolerance": 0.01,
+              # round every pruned layer's width to a multiple of round_to (8, 16: hardware-friendly); 1 = off
+              "round_to": 1},
     "finetune": {
         "cls": {**_opt(2, 0.01), "schedule": "linear"},
         "seg": {**_opt(10, 0.005), "power": 0.9},
@@ -267,6 +269,8 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(_num(pr["keep_ratio"]) and 0 < pr["keep_ratio"] < 1, "prune.keep_ratio", "must lie in (0, 1), e.g. 0.5")
     need(pr["threshold_mode"] in ("ind", "uni"), "prune.threshold_mode", "must be 'ind' or 'uni'")
     need(_num(pr["min_channels"], int) and pr["min_channels"] >= 1, "prune.min_channels", "must be an integer >= 1")
+    need(_num(pr["round_to"], int) and pr["round_to"] >= 1, "prune.round_to",
+         "must be an integer >= 1 (1 = no rounding; 8 or 16 for hardware-friendly widths)")
     tfr, ftol = pr.get("target_flops_ratio"), pr.get("flops_tolerance", 0.01)
     need(tfr is None or (_num(tfr) and 0 < tfr < 1), "prune.target_flops_ratio",
          "must be null or lie in (0, 1), e.g. 0.5 for half the FLOPs of the unpruned network")

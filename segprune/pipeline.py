@@ -39,7 +39,8 @@ from .engine.train import make_loader, train_classification, train_segmentation
 from .methods.base import build_method, method_config
 from .methods.mtp import run_mtp
 from .models import build_model
-from .pruning import apply_widths, build_graph, discover_units, layer_widths, prune_channels, select_channels, unit_gammas, widths_spec
+from .pruning import (apply_widths, build_graph, discover_units, layer_widths, prune_channels, round_kept, select_channels,
+                      unit_gammas, widths_spec)
 
 __all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed",
            "search_keep_ratio", "pruned_flops", "stage_dir"]
@@ -72,9 +73,12 @@ _FLOPS_TARGET_KEYS = ("target_flops_ratio", "flops_tolerance")
 
 
 def _prune_fingerprint(pr: dict) -> dict:
+    out = dict(pr)
     if pr.get("target_flops_ratio") is None:
-        return {k: v for k, v in pr.items() if k not in _FLOPS_TARGET_KEYS}
-    return dict(pr)
+        out = {k: v for k, v in out.items() if k not in _FLOPS_TARGET_KEYS}
+    if int(pr.get("round_to", 1)) == 1:  # no rounding: the fingerprint of runs made before round_to existed
+        out.pop("round_to", None)
+    return out
 
 
 def stage_fingerprints(cfg: dict) -> dict[str, str]:
@@ -452,34 +456,52 @@ class Pipeline:
             target = pr.get("target_flops_ratio")
             parts = {u.name: u.part for u in units}
             flops0 = count_flops(sparse, size)["flops"]  # before prune_channels, which works in place
+            round_to = int(pr.get("round_to", 1))
             if target is None:
                 if method == "mtp":  # γ1 from W1, γ2 from W2 (Algorithm 1, line 9), Ind/Uni thresholds
                     kept = select_channels(scores, parts, pr["keep_ratio"], pr["threshold_mode"], pr["min_channels"])
+                    rank = scores
                 else:
                     calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
                     kept = baseline_method.select(sparse, units, pr["keep_ratio"], pr["threshold_mode"],
                                                   pr["min_channels"], calib_loader=calib)
+                    rank = None
+                    if round_to > 1:  # the method's own ranking decides which channels rounding adds or drops
+                        calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
+                        rank = baseline_method.scores(sparse, units, calib_loader=calib)
+                unrounded = sum(k.numel() for k in kept.values())
+                kept = round_kept(kept, rank, round_to)
                 flops_info = {"target_flops_ratio": None}
             else:  # FLOPs target: score once, then bisect the keep ratio of the method's selection rule
                 if method == "acosp":  # validate() refuses this already; kept for configs built by hand
                     raise ConfigError("prune.target_flops_ratio: ACoSP's k is fixed at training time "
                                       "(method.options.keep_ratio); leave prune.target_flops_ratio null")
                 if method == "mtp":
-                    def select(p, _s=scores):
-                        return select_channels(_s, parts, p, pr["threshold_mode"], pr["min_channels"])
+                    def select(p, _s=scores):  # rounding inside the search: the target is met after rounding
+                        return round_kept(select_channels(_s, parts, p, pr["threshold_mode"], pr["min_channels"]),
+                                          _s, round_to)
                 else:
                     calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
                     unit_scores = baseline_method.scores(sparse, units, calib_loader=calib)
 
                     def select(p, _s=unit_scores):
-                        return baseline_method.select_from_scores(_s, units, p, pr["threshold_mode"], pr["min_channels"])
+                        return round_kept(baseline_method.select_from_scores(_s, units, p, pr["threshold_mode"],
+                                                                             pr["min_channels"]), _s, round_to)
                 log.write(f"FLOPs target {target:g} (tolerance {pr.get('flops_tolerance', 0.01):g}): "
                           f"prune.keep_ratio={pr['keep_ratio']} is ignored; searching the keep ratio by bisection "
                           f"at input {size[0]}x{size[1]}")
                 res = search_keep_ratio(sparse, units, select, target, pr.get("flops_tolerance", 0.01), size,
                                         log=log.write, flops_unpruned=flops0)
                 kept = res.pop("kept")
+                unrounded = None
                 flops_info = res
+            if round_to > 1:
+                total = sum(k.numel() for k in kept.values())
+                flops_info["round_to"] = round_to
+                if unrounded is not None:
+                    flops_info["kept_channels_before_rounding"] = unrounded
+                log.write(f"widths rounded to multiples of {round_to}: {total} channels kept"
+                          + (f" (before rounding {unrounded})" if unrounded is not None else " (rounded inside the search)"))
             pruned = prune_channels(sparse, units, kept, graph)
             if baseline_method is not None:
                 baseline_method.after_prune(pruned, log)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["select_channels", "check_keep_ratio"]
+__all__ = ["select_channels", "check_keep_ratio", "round_kept", "rounded_count"]
 
 
 def check_keep_ratio(keep_ratio) -> float:
@@ -78,3 +78,69 @@ def pruned_fraction(kept: dict[str, torch.Tensor], scores: dict[str, torch.Tenso
     return 1.0 - sum(k.numel() for k in kept.values()) / max(1, total)
 
 
+
+
+def rounded_count(kept: int, channels: int, multiple: int) -> int:
+    """Kept-channel count after rounding ``kept`` to the nearest multiple of ``multiple``.
+
+    Halves round up; the result is at least ``multiple`` (a layer never rounds down to zero) and at
+    most ``channels`` (a layer narrower than ``multiple``, or whose width is not a multiple of it,
+    may end at ``channels``). ``multiple == 1`` returns ``kept`` unchanged.
+
+    Raises:
+        ValueError: ``multiple < 1`` or ``kept`` outside 1..channels.
+    """
+    m, k, c = int(multiple), int(kept), int(channels)
+    if m < 1:
+        raise ValueError(f"prune.round_to={multiple!r} must be an integer >= 1")
+    if not 1 <= k <= c:
+        raise ValueError(f"kept={kept!r} must lie in 1..{c}")
+    if m == 1:
+        return k
+    return min(c, max(m, m * ((2 * k + m) // (2 * m))))
+
+
+def round_kept(kept: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Round every unit's kept-channel count to a multiple of ``multiple`` (``prune.round_to``).
+
+    Hardware kernels (GEMM tiles, SIMD lanes, tensor cores) often run a layer whose width is a
+    multiple of 8 or 16 as fast as, or faster than, a narrower odd width; rounding the widths that a
+    criterion chose trades a little of its FLOPs reduction for latency (docs/results/latency.md).
+
+    Args:
+        kept: unit name -> sorted LongTensor of kept indices (from any selection rule).
+        scores: unit name -> (C,) importance (larger = more important), the same scores the rule
+            ranked by; used to decide which channels to add back or drop.
+    Returns:
+        unit name -> sorted LongTensor; a unit whose count changes from k to k' = :func:`rounded_count`
+        keeps its k chosen channels plus the best-scoring dropped ones (k' > k) or loses its
+        lowest-scoring kept ones (k' < k), ties broken by channel index. ``multiple == 1``
+        returns ``kept`` itself.
+    Raises:
+        ValueError: ``multiple < 1``, or a unit of ``kept`` has no scores.
+    """
+    if int(multiple) == 1:
+        return kept
+    out = {}
+    for name, idx in kept.items():
+        if name not in scores:
+            raise ValueError(f"round_kept: no scores for unit {name!r}")
+        s = scores[name].flatten().double()
+        c = s.numel()
+        k = idx.numel()
+        k2 = rounded_count(k, c, multiple)
+        if k2 == k:
+            out[name] = idx
+            continue
+        mask = torch.zeros(c, dtype=torch.bool)
+        mask[idx] = True
+        if k2 > k:
+            cand = torch.nonzero(~mask).flatten()
+            best = cand[torch.argsort(s[cand], descending=True, stable=True)[:k2 - k]]
+            mask[best] = True
+        else:
+            cand = torch.nonzero(mask).flatten()
+            worst = cand[torch.argsort(s[cand], stable=True)[:k - k2]]
+            mask[worst] = False
+        out[name] = torch.nonzero(mask).flatten()
+    return out
