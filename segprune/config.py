@@ -80,7 +80,11 @@ DEFAULTS: dict[str, Any] = {
         "cls": {**_opt(2, 0.01), "schedule": "linear"},
         "seg": {**_opt(10, 0.005), "power": 0.9},
     },
-    "eval": {"latency_runs": 20, "latency_warmup": 5, "threads": None, "split": None},
+    # test-time protocol (segprune/engine/evaluate.py): input scales, + horizontal flip, softmax
+    # probabilities of the views averaged; mode whole | slide (windows of crop_size [h, w] every stride
+    # [h, w] pixels, null = crop_size; overlapping logits averaged). Defaults = plain single-scale model(x).
+    "eval": {"latency_runs": 20, "latency_warmup": 5, "threads": None, "split": None,
+             "scales": [1.0], "flip": False, "mode": "whole", "crop_size": None, "stride": None},
 }
 
 
@@ -95,6 +99,8 @@ def merge(base: dict, override: dict, path: str = "", unknown: list | None = Non
             continue
         if full in FREE_FORM:
             out[key] = copy.deepcopy(val)
+        elif isinstance(base[key], dict) and val is None:  # an empty section (``prune:``) keeps its defaults
+            continue
         elif isinstance(base[key], dict) and isinstance(val, dict):
             out[key] = merge(base[key], val, full + ".", unknown)
         else:
@@ -197,8 +203,34 @@ def _num(v, kind=(int, float)):
     return isinstance(v, kind) and not isinstance(v, bool)
 
 
+def _shape_problems(cfg: Any, ref: dict = DEFAULTS, path: str = "") -> list[str]:
+    """Sections of :data:`DEFAULTS` that ``cfg`` gives as something other than a mapping, or lacks."""
+    out = []
+    for key, sub in ref.items():
+        full = f"{path}{key}"
+        if not isinstance(sub, dict) or full in FREE_FORM:
+            continue
+        val = cfg.get(key) if isinstance(cfg, dict) else None
+        if not isinstance(val, dict):
+            what = "missing" if isinstance(cfg, dict) and key not in cfg else f"{val!r}"
+            out.append(f"{full}={what}: must be a mapping (a config section with keys "
+                       f"{', '.join(list(sub)[:4])}{', ...' if len(sub) > 4 else ''})")
+        else:
+            out += _shape_problems(val, sub, full + ".")
+    return out
+
+
 def validate(cfg: dict, raise_error: bool = True) -> list[str]:
-    """Check types and ranges; return the list of problems (or raise :class:`ConfigError`)."""
+    """Check types and ranges; return the list of problems (or raise :class:`ConfigError`).
+
+    A section given as a scalar (``prune: 0.5``) is reported as such; the value checks then stop,
+    since they need the sections' keys.
+    """
+    shape = _shape_problems(cfg)
+    if shape:
+        if raise_error:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(shape))
+        return shape
     bad: list[str] = []
 
     def need(cond: bool, key: str, msg: str):
@@ -282,6 +314,18 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     ev = cfg["eval"]
     need(_num(ev["latency_runs"], int) and ev["latency_runs"] >= 1, "eval.latency_runs", "must be >= 1")
     need(_num(ev["latency_warmup"], int) and ev["latency_warmup"] >= 0, "eval.latency_warmup", "must be >= 0")
+    sc = ev["scales"]
+    need(isinstance(sc, list) and len(sc) > 0 and all(_num(x) and 0 < x < float("inf") for x in sc), "eval.scales",
+         "must be a non-empty list of positive numbers, e.g. [1.0] or [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
+    need(isinstance(ev["flip"], bool), "eval.flip", "must be true or false")
+    need(ev["mode"] in ("whole", "slide"), "eval.mode", "must be 'whole' or 'slide'")
+    pair = lambda v: isinstance(v, list) and len(v) == 2 and all(_num(x, int) and x > 0 for x in v)  # noqa: E731
+    need(ev["crop_size"] is None or pair(ev["crop_size"]), "eval.crop_size", "must be null or [h, w] with positive integers")
+    need(ev["mode"] != "slide" or ev["crop_size"] is not None, "eval.crop_size", "is required when eval.mode is 'slide'")
+    need(ev["stride"] is None or pair(ev["stride"]), "eval.stride", "must be null (= crop_size) or [h, w] with positive integers")
+    if pair(ev["stride"]) and pair(ev["crop_size"]):
+        need(all(s <= c for s, c in zip(ev["stride"], ev["crop_size"])), "eval.stride",
+             "must not exceed eval.crop_size (pixels would be left uncovered)")
     if bad and raise_error:
         raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
     return bad

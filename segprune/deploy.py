@@ -66,8 +66,13 @@ def _stage_dir(run: Path, stage: str) -> Path | None:
     return None
 
 
-def find_run(run_dir: str | Path) -> tuple[dict, dict[str, Path]]:
+def find_run(run_dir: str | Path, pruned_stage_ok: bool = False) -> tuple[dict, dict[str, Path]]:
     """Config and finished model stages of a run folder.
+
+    Args:
+        pruned_stage_ok: when fine-tuning has not finished, take the pruned model from the finished
+            pruning stage (``stages/NN_prune``): same architecture, weights not fine-tuned. Enough
+            for latency, params and FLOPs (:func:`benchmark`), not for export or accuracy.
 
     Returns:
         ``(cfg, stages)``: the run's ``config.yaml`` merged over the defaults (as ``segprune
@@ -94,8 +99,13 @@ def find_run(run_dir: str | Path) -> tuple[dict, dict[str, Path]]:
         d = _stage_dir(run, stage)
         if d is not None:
             stages[key] = d
+    if "pruned" not in stages and pruned_stage_ok:
+        d = _stage_dir(run, "prune")
+        if d is not None:
+            stages["pruned"] = d
     if "pruned" not in stages:
-        raise ConfigError(f"{run}: the run has not finished fine-tuning (no stages/*_finetune_seg/done.json)")
+        raise ConfigError(f"{run}: the run has not finished fine-tuning (no stages/*_finetune_seg/done.json)"
+                          + (" nor pruning (stages/*_prune/done.json)" if pruned_stage_ok else ""))
     return cfg, stages
 
 
@@ -375,7 +385,7 @@ def _load_target(target: str | Path) -> tuple[str, dict, dict[str, nn.Module], d
     if not t.exists():
         raise ConfigError(f"{t} does not exist (expected a run folder or a config YAML)")
     if t.is_dir():
-        cfg, stages = find_run(t)
+        cfg, stages = find_run(t, pruned_stage_ok=True)  # latency depends on the widths, not on fine-tuning
         models, src = {}, {}
         for name in ("baseline", "pruned"):
             if name in stages:
@@ -399,7 +409,8 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
     """Eager and ONNX Runtime CPU latency, params and FLOPs of a run's models or a config's model.
 
     ``target`` is a run folder (models ``baseline`` = stages/*_train_seg when finished, and
-    ``pruned`` = stages/*_finetune_seg) or a config YAML (one freshly built, unpruned model
+    ``pruned`` = stages/*_finetune_seg, or stages/*_prune while fine-tuning is unfinished: the same
+    widths, so the same latency) or a config YAML (one freshly built, unpruned model
     ``unpruned``). For each batch size, PyTorch eager (:func:`~segprune.engine.profile.measure_latency`)
     and, with ``onnx``, ONNX Runtime (:func:`measure_ort_latency`, model exported to a temporary
     file by :func:`export_onnx`) are measured; the models are measured back to back per batch and

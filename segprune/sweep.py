@@ -17,7 +17,8 @@ Every run gets its own folder ``<out>/<name>`` (an ordinary run folder, see
 classification pre-training and one trained baseline, and runs that differ only after a stage
 (threshold mode, fine-tuning schedule) share everything before it. Finished runs are skipped;
 a killed run resumes at its last finished stage. Several worker processes (``--jobs``, or the
-same command started again in another shell) cooperate through lock files in ``<out>/.locks``.
+same command started again in another shell) cooperate through lock files in ``<out>/.locks``
+(``flock``, released by the kernel when a worker dies; POSIX only).
 """
 from __future__ import annotations
 
@@ -121,46 +122,66 @@ def load_sweep(path: str | Path) -> tuple[dict, list[SweepRun]]:
 
 
 # ---------------------------------------------------------------------------- locking
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+#: lock path -> open file descriptor holding its ``flock`` (this process's runs).
+_HELD: dict[str, int] = {}
 
 
 def _try_lock(lock: Path) -> bool:
-    """Create ``lock`` holding our pid; take over a lock whose process is gone."""
+    """Take the run lock ``lock``: an exclusive ``flock`` on the file, held until :func:`_release`.
+
+    The kernel drops an ``flock`` when its process dies, so a killed worker's run is free at once
+    (no stale-lock guessing from pids, no takeover race between two workers); the file holds the
+    owner's pid for people only. After locking, the path must still be the locked file: a
+    finishing worker unlinks it, and a lock taken on the unlinked file would not exclude anyone.
+    """
+    import fcntl
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+    for _ in range(3):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _pid_alive(pid):
-                return False
-            try:
-                lock.unlink()  # stale: its worker was killed
-            except FileNotFoundError:
-                pass
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live worker
+            os.close(fd)
+            return False
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # unlinked (or replaced) between our open and our flock: try the new file
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _HELD[str(lock)] = fd
         return True
     return False
 
 
+def _release(lock: Path) -> None:
+    """Unlink and unlock a lock taken by :func:`_try_lock` (unlink first: see there)."""
+    fd = _HELD.pop(str(lock), None)
+    if fd is None:
+        return
+    lock.unlink(missing_ok=True)
+    os.close(fd)
+
+
 def _locked_by_other(lock: Path) -> bool:
-    try:
-        pid = int(lock.read_text().strip() or 0)
-    except (OSError, ValueError):
+    """True if another process holds the ``flock`` of ``lock`` (a worker is running that run)."""
+    import fcntl
+    if str(lock) in _HELD:
         return False
-    return pid != os.getpid() and _pid_alive(pid)
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops our shared probe lock
+    return False
 
 
 # ---------------------------------------------------------------------------- state / ETA
@@ -304,7 +325,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, threads: int | No
             log(f"[sweep] {pick.name} finished in {_fmt_s(time.perf_counter() - t0)}")
         finally:
             attempted.add(pick.name)
-            lock.unlink(missing_ok=True)
+            _release(lock)
     st = sweep_status(out, runs)
     log(f"[sweep] {len(st['finished'])}/{len(runs)} finished" + (f"; still running elsewhere: {st['running']}" if st["running"] else ""))
     return st

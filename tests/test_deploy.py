@@ -158,3 +158,22 @@ def test_latency_script_goal_column(run, tmp_path):
         assert d["goal"] == ("yes" if d["ratio"] <= row["flops_ratio"] + 0.05 else "no")
         assert f"{d['ratio']:.3f} | **{d['goal']}**" in md
     assert mod.goal(0.59, 0.55) == "yes" and mod.goal(0.61, 0.55) == "no" and mod.goal(None, 0.5) is None
+
+
+def test_benchmark_takes_the_pruning_stage_of_an_unfinished_run(run, tmp_path, capsys):
+    """Latency depends on widths only: a run stopped after pruning is benchmarked, but not exported."""
+    import shutil
+    part = tmp_path / "part"
+    shutil.copytree(run, part)
+    for st in ("05_finetune_cls", "06_finetune_seg", "07_evaluate"):
+        shutil.rmtree(part / "stages" / st)
+    out = tmp_path / "b"
+    assert main(["benchmark", str(part), "--batch", "1", "--runs", "2", "--warmup", "0", "--no-onnx",
+                 "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "benchmark.json").read_text())
+    assert res["models"]["pruned"]["source"].endswith("04_prune")
+    full = json.loads((run / "metrics.json").read_text())["pruned"]
+    assert (res["models"]["pruned"]["params"], res["models"]["pruned"]["flops"]) == (full["params"], full["flops"])
+    capsys.readouterr()
+    assert main(["export", str(part), "--onnx", str(tmp_path / "x.onnx")]) == 2
+    assert "fine-tuning" in capsys.readouterr().err

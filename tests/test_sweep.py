@@ -1,15 +1,17 @@
 """Stage fingerprints, stage sharing between runs, and the resumable sweep runner."""
 import copy
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from segprune.config import ConfigError, DEFAULTS, merge
 from segprune.pipeline import Pipeline, stage_fingerprints
-from segprune.sweep import load_sweep, run_sweep, sweep_status
+from segprune.sweep import _locked_by_other, _release, _try_lock, load_sweep, run_sweep, sweep_status
 
 from test_pipeline import TINY
 
@@ -152,13 +154,62 @@ def test_live_lock_is_respected(swept, tmp_path):
     p, out, _, _ = swept
     q = _only_first(p, tmp_path)
     (tmp_path / "o" / ".locks").mkdir(parents=True)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live worker
+    other = _holder(tmp_path / "o" / ".locks" / "mtp_s3.lock")  # a live worker
     try:
-        (tmp_path / "o" / ".locks" / "mtp_s3.lock").write_text(str(other.pid))
         st = run_sweep(q, tmp_path / "o", quiet=True, log=lambda s: None)
     finally:
         other.kill()
     assert st["running"] == ["mtp_s3"] and not (tmp_path / "o" / "mtp_s3").exists()
+
+
+def _holder(lock):
+    """A live process holding ``lock`` the way a sweep worker does (flock via _try_lock)."""
+    code = ("import sys, time; from pathlib import Path; from segprune.sweep import _try_lock; "
+            "assert _try_lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_is_freed_when_its_worker_dies(tmp_path):
+    lock = tmp_path / ".locks" / "run.lock"
+    holder = _holder(lock)
+    try:
+        assert _locked_by_other(lock) and not _try_lock(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.exists() and not _locked_by_other(lock)  # SIGKILL left the file, the kernel dropped the lock
+    assert _try_lock(lock) and lock.read_text() == str(os.getpid())
+    _release(lock)
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("content", ["garbage", "", "PID"])
+def test_stale_lock_file_content_does_not_matter(tmp_path, content):
+    """Garbage, an empty file, or a pid that is alive (pid reuse: here our own) but holds no lock."""
+    lock = tmp_path / "run.lock"
+    lock.write_text(str(os.getpid()) if content == "PID" else content)
+    assert not _locked_by_other(lock)
+    assert _try_lock(lock)
+    _release(lock)
+
+
+def test_racing_workers_take_a_stale_lock_once(tmp_path):
+    """Eight processes race for one stale lock at the same instant: exactly one wins."""
+    lock = tmp_path / "run.lock"
+    lock.write_text("999999999")  # a killed worker's file
+    go = time.time() + 5  # after every process has imported torch
+    code = ("import sys, time; from pathlib import Path; from segprune.sweep import _try_lock; "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); ok = _try_lock(Path(sys.argv[1])); "
+            "print(int(ok), flush=True); time.sleep(60)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(lock), str(go)], stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    wins = [int(p.stdout.readline().strip() or 0) for p in procs]
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert sum(wins) == 1, wins
 
 
 def test_compare_plots_from_real_run_folders(swept, tmp_path):
