@@ -68,7 +68,7 @@ def cmd_evaluate(args) -> int:
         import torch
         torch.set_num_threads(int(cfg["threads"]))
     m = evaluate_segmentation(model, make_loader(ds, dseg["eval_batch_size"], False, 0), arch["num_classes"],
-                              int(dseg["ignore_index"]), getattr(ds, "CLASSES", None))
+                              int(dseg["ignore_index"]), getattr(ds, "CLASSES", None), protocol=cfg["eval"])
     rec = load_json(run / "metrics.json")["pruned"]["miou"] if (run / "metrics.json").exists() else None
     print(f"pruned model rebuilt from {stages[0]} (arch.json + model.safetensors)")
     print(f"mIoU on {split}: {m['miou']:.6f}  pixel acc {m['pixel_acc']:.6f}")

@@ -259,7 +259,8 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
                  "must be an integer >= 2 for training (BatchNorm), >= 1 for evaluation")
         need(_num(d["num_workers"], int) and d["num_workers"] >= 0, f"data.{sec}.num_workers", "must be >= 0")
     seg = cfg["data"]["seg"]
-    need(seg["name"] in ("camvid", "synthetic"), "data.seg.name", "must be 'camvid' or 'synthetic'")
+    from .data import SEG_DATASET_NAMES  # the registry of segmentation datasets (segprune/data/)
+    need(seg["name"] in SEG_DATASET_NAMES, "data.seg.name", "must be one of: " + ", ".join(SEG_DATASET_NAMES))
     need(cfg["data"]["cls"]["name"] in ("imagefolder", "synthetic"), "data.cls.name", "must be 'imagefolder' or 'synthetic'")
     sr = seg["scale_range"]
     need(isinstance(sr, list) and len(sr) == 2 and all(_num(x) and x > 0 for x in sr) and sr[0] <= sr[1],

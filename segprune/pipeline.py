@@ -81,6 +81,20 @@ def _prune_fingerprint(pr: dict) -> dict:
     return out
 
 
+#: ``eval`` keys of the test-time protocol with the values that mean "plain single-scale model(x)";
+#: at these values they are left out of the fingerprint, so that runs made before they existed keep it.
+_PLAIN_EVAL = {"scales": [1.0], "flip": False, "mode": "whole", "crop_size": None, "stride": None}
+
+
+def _model_fingerprint(model: dict) -> dict:
+    """``model`` section without ``pretrained: null`` (runs made before that key existed keep their fingerprint)."""
+    return {k: v for k, v in model.items() if not (k == "pretrained" and v is None)}
+
+
+def _eval_fingerprint(ev: dict) -> dict:
+    return {k: v for k, v in ev.items() if not (k in _PLAIN_EVAL and v == _PLAIN_EVAL[k])}
+
+
 def stage_fingerprints(cfg: dict) -> dict[str, str]:
     """Stage -> SHA-256 of every config value the stage's result depends on, chained over stages.
 
@@ -93,14 +107,14 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
     """
     data = {sec: {k: v for k, v in d.items() if k not in _DATA_IGNORED} for sec, d in cfg["data"].items()}
     parts = {
-        "pretrain_cls": {"model": cfg["model"], "data": data, "train": cfg["train"]["pretrain_cls"],
+        "pretrain_cls": {"model": _model_fingerprint(cfg["model"]), "data": data, "train": cfg["train"]["pretrain_cls"],
                          "seed": baseline_seed(cfg)},
         "train_seg": {"train": cfg["train"]["seg"]},
         "sparsity": {"method": method_config(cfg["method"]), "seed": cfg["seed"], "prune_coupled": cfg["prune"]["prune_coupled"]},
         "prune": {"prune": _prune_fingerprint(cfg["prune"])},
         "finetune_cls": {"finetune": cfg["finetune"]["cls"]},
         "finetune_seg": {"finetune": cfg["finetune"]["seg"]},
-        "evaluate": {"eval": cfg["eval"], "split": cfg["data"]["seg"]["eval_split"]},
+        "evaluate": {"eval": _eval_fingerprint(cfg["eval"]), "split": cfg["data"]["seg"]["eval_split"]},
     }
     out, prev = {}, ""
     for stage in STAGES:
@@ -568,7 +582,7 @@ class Pipeline:
                "dataset": cfg["data"]["seg"]["name"], "model": cfg["model"]["name"]}
         names = getattr(self.seg_eval, "CLASSES", None)
         for key, model in (("baseline", baseline), ("pruned", pruned)):
-            m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names)
+            m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names, protocol=ev)
             p = profile_model(model, size, threads=ev["threads"], runs=ev["latency_runs"], warmup=ev["latency_warmup"])
             top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
             out[key] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_acc": m["mean_acc"],

@@ -410,7 +410,7 @@ def test_factories_synthetic_and_errors():
     ctr = build_cls_dataset(ccfg, "train", train=True)
     assert cls_num_classes(ccfg) == 3 == ctr.num_classes and ctr[0][0].shape == (3, 32, 32)
     assert seg_num_classes({"name": "camvid"}) == 11
-    _expect_data_error(lambda: build_seg_dataset({"name": "cityscapes"}, "train", True), "name", "cityscapes")
+    _expect_data_error(lambda: build_seg_dataset({"name": "mapillary"}, "train", True), "name", "mapillary")
     _expect_data_error(lambda: build_cls_dataset({"name": "mnist"}, "train", True), "name", "mnist")
     _expect_data_error(lambda: build_seg_dataset({"name": "synthetic"}, "train", True), "num_train")
     _expect_data_error(lambda: build_seg_dataset(dict(cfg, crop_size=[0, 3]), "train", True), "crop_size", "[0, 3]")

@@ -162,3 +162,25 @@ def test_resume_at_prune_stage_gives_same_widths_and_miou(finished_run, tmp_path
     assert arch(copy) == arch(out)
     assert json.loads((copy / "metrics.json").read_text())["pruned"]["miou"] == \
         json.loads((out / "metrics.json").read_text())["pruned"]["miou"]
+
+
+def test_run_folder_holds_no_pickles(finished_run):
+    """Weights are safetensors, everything else JSON/YAML/text/Markdown: nothing a loader would unpickle."""
+    _, out = finished_run
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".yaml", ".log", ".md"}, suffixes
+    for p in out.rglob("*.safetensors"):
+        assert not p.read_bytes()[8:9000].count(b"\x80\x04\x95")  # no pickle protocol-4 frame in the header
+
+
+def test_no_torch_load_outside_the_safe_wrapper():
+    """Every torch.load on a user path goes through checkpoint.torch_load_safe (weights_only=True)."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "segprune"
+    offenders = []
+    for f in root.rglob("*.py"):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(r"\btorch\.load\(", line) and "weights_only=True" not in line:
+                offenders.append(f"{f.relative_to(root)}:{i}")
+    assert not offenders, offenders

@@ -4,8 +4,8 @@ The factories take the plain ``dict`` of a YAML config section.
 
 Segmentation config (``build_seg_dataset``)::
 
-    name: camvid | synthetic
-    root: path                     # camvid
+    name: camvid | voc_sbd | cityscapes | ade20k | synthetic
+    root: path                     # every dataset but synthetic (layouts: docs/datasets.md)
     input_size: [H, W]             # eval input size and train base size (optional: keep native)
     crop_size: [h, w]              # train crop (default: input_size, else synthetic image_size)
     scale_range: [lo, hi]          # default [0.5, 2.0]
@@ -33,9 +33,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from .ade20k import ADE20K
 from .camvid import CamVid
+from .cityscapes import Cityscapes
 from .errors import DataError
 from .imagefolder import ImageFolderDataset, list_class_dirs
+from .paired import PairedSegDataset
 from .synthetic import SyntheticClassification, SyntheticSegmentation
 from .transforms import (
     IMAGENET_MEAN,
@@ -45,6 +48,7 @@ from .transforms import (
     SegEvalTransform,
     SegTrainTransform,
 )
+from .voc import VOCSegmentation
 
 __all__ = [
     "DataError",
@@ -55,6 +59,12 @@ __all__ = [
     "ClsTrainTransform",
     "ClsEvalTransform",
     "CamVid",
+    "VOCSegmentation",
+    "Cityscapes",
+    "ADE20K",
+    "PairedSegDataset",
+    "SEG_DATASETS",
+    "SEG_DATASET_NAMES",
     "ImageFolderDataset",
     "SyntheticSegmentation",
     "SyntheticClassification",
@@ -65,6 +75,18 @@ __all__ = [
 ]
 
 _MISSING = object()
+
+#: ``data.seg.name`` -> dataset class, for the datasets read from disk. Each class is built as
+#: ``cls(root, split, transform, ignore_index=..., seed=...)`` and has ``num_classes``,
+#: ``CLASSES`` (names) and ``PALETTE`` (RGB per class, used by ``segprune compare``).
+SEG_DATASETS: dict[str, type] = {
+    "camvid": CamVid,
+    "voc_sbd": VOCSegmentation,
+    "cityscapes": Cityscapes,
+    "ade20k": ADE20K,
+}
+#: Every accepted ``data.seg.name``.
+SEG_DATASET_NAMES: tuple[str, ...] = (*SEG_DATASETS, "synthetic")
 
 
 def _get(cfg: Mapping, key: str, default: Any = _MISSING, section: str = "data") -> Any:
@@ -120,8 +142,9 @@ def build_seg_dataset(cfg: dict, split: str, train: bool, seed: int = 0) -> Data
 
     Args:
         cfg: config mapping (see module docstring for keys).
-        split: ``"train"``, ``"val"``, ``"test"``, ... (CamVid list-file stem; for
-            synthetic, ``"train"`` uses ``num_train`` and any other split ``num_eval``).
+        split: ``"train"``, ``"val"``, ``"test"``, ... (CamVid / VOC list-file stem, Cityscapes /
+            ADE20K split folder, see each class; for synthetic, ``"train"`` uses ``num_train``
+            and any other split ``num_eval``).
         train: ``True`` -> :class:`SegTrainTransform`, ``False`` -> :class:`SegEvalTransform`.
         seed: augmentation seed (and synthetic generation seed unless ``data_seed`` is set).
 
@@ -133,8 +156,8 @@ def build_seg_dataset(cfg: dict, split: str, train: bool, seed: int = 0) -> Data
         DataError: unknown ``name``, missing/invalid keys (message names the key and
             value), or any dataset construction error.
     """
-    section = "seg data"
-    name = _name(cfg, ("camvid", "synthetic"), section)
+    name = _name(cfg, SEG_DATASET_NAMES, "seg data")
+    section = f"seg data (name={name!r})"
     ignore_index = int(_get(cfg, "ignore_index", 255, section))
     input_size = _size(cfg, "input_size", None, section)
     image_size = _size(cfg, "image_size", (64, 64), section) if name == "synthetic" else None
@@ -153,9 +176,9 @@ def build_seg_dataset(cfg: dict, split: str, train: bool, seed: int = 0) -> Data
     else:
         transform = SegEvalTransform(input_size)
 
-    if name == "camvid":
-        return CamVid(_get(cfg, "root", section=section), split, transform,
-                      ignore_index=ignore_index, seed=seed)
+    if name in SEG_DATASETS:
+        return SEG_DATASETS[name](_get(cfg, "root", section=section), split, transform,
+                                  ignore_index=ignore_index, seed=seed)
     return SyntheticSegmentation(
         _synthetic_count(cfg, split, section),
         image_size=image_size,
@@ -217,14 +240,15 @@ def build_cls_dataset(cfg: dict, split: str, train: bool, seed: int = 0) -> Data
 
 
 def seg_num_classes(cfg: dict) -> int:
-    """Number of segmentation classes (excluding ignore): CamVid 11, synthetic ``num_kinds + 1``.
+    """Number of segmentation classes (excluding ignore): CamVid 11, VOC 21, Cityscapes 19,
+    ADE20K 150, synthetic ``num_kinds + 1``. No file is read.
 
     Raises:
         DataError: unknown ``name``.
     """
-    name = _name(cfg, ("camvid", "synthetic"), "seg data")
-    if name == "camvid":
-        return CamVid.num_classes
+    name = _name(cfg, SEG_DATASET_NAMES, "seg data")
+    if name in SEG_DATASETS:
+        return SEG_DATASETS[name].num_classes
     return int(_get(cfg, "num_kinds", 4, "seg data")) + 1
 
 
