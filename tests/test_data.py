@@ -299,6 +299,18 @@ def test_imagefolder_errors(tmp_path):
     (root / "train" / "ant" / "ant_0.png").write_bytes(b"\x89PNG garbage")
     ds = ImageFolderDataset(root, "train", None)
     _expect_data_error(lambda: ds[0], "ant_0.png")
+    _expect_data_error(ds.validate, "ant_0.png", "full scan")  # data.cls.validate: true
+
+
+def test_imagefolder_full_scan_finds_truncated_image(tmp_path):
+    root = make_imagefolder(tmp_path / "imf")
+    ds = ImageFolderDataset(root, "val", None)
+    assert ds.validate() == len(ds)
+    victim = ds.samples[-1][0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    assert ds.validate(limit=len(ds) - 1) == len(ds) - 1  # the intact ones pass
+    _expect_data_error(ds.validate, victim.name)
 
 
 def test_build_cls_dataset_imagefolder_uses_train_classes(tmp_path):
@@ -426,3 +438,21 @@ def test_build_seg_dataset_camvid(tmp_path):
     img, lab = ev[0]
     assert img.shape == (3, 12, 16) and lab.shape == (24, 32)
     _expect_data_error(lambda: build_seg_dataset({"name": "camvid"}, "train", False), "root")
+
+
+def test_cls_full_scan_stops_the_run_before_anything_is_written(tmp_path, capsys):
+    """data.cls.validate: true finds a corrupt classification image before any stage starts."""
+    import yaml
+    from segprune.cli import main
+    from test_pipeline import TINY
+    root = make_imagefolder(tmp_path / "imf")
+    (root / "val" / "ant" / "ant_0.png").write_bytes(b"\x89PNG garbage")
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["data"]["cls"] = {"name": "imagefolder", "root": str(root), "input_size": [8, 8], "batch_size": 2,
+                          "eval_batch_size": 2, "validate": True}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 2
+    assert "ant_0.png" in capsys.readouterr().err
+    assert not (out / "stages").exists()

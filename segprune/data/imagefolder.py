@@ -129,6 +129,25 @@ class ImageFolderDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return self.transform(image, rng), target
 
+    def validate(self, limit: int | None = None) -> int:
+        """Full scan (``data.cls.validate: true``): decode every image of the split.
+
+        Args:
+            limit: scan only the first ``limit`` samples (``None``: all).
+        Returns:
+            number of images checked.
+        Raises:
+            DataError: the first unreadable, truncated or corrupt image, naming the file and
+                how many images were fine before it.
+        """
+        items = self.samples if limit is None else self.samples[: int(limit)]
+        for i, (path, _) in enumerate(items):
+            try:
+                load_rgb(path)
+            except DataError as exc:
+                raise DataError(f"{exc} (full scan of {self.root / self.split}: {i} images fine before it)") from None
+        return len(items)
+
     def describe(self) -> str:
         """Short one-line description for logs."""
         return (
