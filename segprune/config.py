@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     # in-stage checkpoint every N training iterations (kill-anywhere resume); 0 = stage by stage only
     "checkpoint_every": 50,
     "model": {"name": "deeplabv3_resnet18", "width": 1.0, "output_stride": 16, "multi_grid": None,
-              "aspp_channels": 256, "aspp_rates": None},
+              "aspp_channels": 256, "aspp_rates": None, "pretrained": None},
     "data": {"seg": _SEG_DATA, "cls": _CLS_DATA},
     "train": {
         # seed of the baseline stages (pre-training, segmentation training); null = the top-level seed.
@@ -248,6 +248,8 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(_num(m["width"]) and m["width"] > 0, "model.width", "must be > 0")
     need(m["output_stride"] in (8, 16), "model.output_stride", "must be 8 or 16")
     need(_num(m["aspp_channels"], int) and m["aspp_channels"] > 0, "model.aspp_channels", "must be a positive integer")
+    need(m.get("pretrained") is None or (isinstance(m["pretrained"], str) and m["pretrained"] != ""), "model.pretrained",
+         "must be null or the path of a torchvision-format checkpoint (.pth / .safetensors)")
     for sec in ("seg", "cls"):
         d = cfg["data"][sec]
         for key in ("input_size", "image_size") + (("crop_size",) if sec == "seg" else ()):

@@ -397,7 +397,7 @@ def _load_target(target: str | Path) -> tuple[str, dict, dict[str, nn.Module], d
         torch.manual_seed(int(cfg["seed"]))
         nc, cc = seg_num_classes(cfg["data"]["seg"]), cls_num_classes(cfg["data"]["cls"])
         try:
-            model = build_model(dict(cfg["model"]), nc, cc)
+            model = build_model(dict(cfg["model"]), nc, cc, load_pretrained_weights=False)  # latency: weights do not matter
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"{t}: cannot build model: {exc}") from None
         return "config", cfg, {"unpruned": model}, {"unpruned": f"{t} (freshly built, random weights)"}

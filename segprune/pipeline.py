@@ -131,7 +131,7 @@ def pruned_flops(model: nn.Module, units: list, kept: dict[str, torch.Tensor], i
     """
     clone = copy.deepcopy(model)
     prune_channels(clone, units, kept, build_graph(clone, tuple(input_size)))
-    return int(count_flops(clone, tuple(input_size))["flops"])
+    return int(count_flops(clone, tuple(input_size), in_channels=int(getattr(model, "input_channels", 3)))["flops"])
 
 
 def search_keep_ratio(model: nn.Module, units: list, select, target: float, tolerance: float,
@@ -172,7 +172,8 @@ def search_keep_ratio(model: nn.Module, units: list, select, target: float, tole
     if int(max_probes) < 1:
         raise ValueError(f"max_probes={max_probes!r} must be >= 1")
     size = tuple(input_size)
-    f0 = int(flops_unpruned) if flops_unpruned is not None else int(count_flops(model, size)["flops"])
+    f0 = int(flops_unpruned) if flops_unpruned is not None else int(
+        count_flops(model, size, in_channels=int(getattr(model, "input_channels", 3)))["flops"])
     order = {u.name: i for i, u in enumerate(units)}
     cache: dict[tuple, int] = {}  # FLOPs depend only on how many channels each unit keeps
     lo, hi = 0.0, 1.0
@@ -236,7 +237,9 @@ def load_run_model(stage_dir: Path) -> tuple[nn.Module, dict]:
     if not isinstance(arch, dict) or arch.get("format") != ARCH_FORMAT:
         raise CheckpointError(f"{arch_path}: not a segprune architecture file (expected format {ARCH_FORMAT!r})")
     try:
-        model = build_model(dict(arch["model"]), int(arch["num_classes"]), int(arch["cls_classes"]))
+        # the run's own weights are loaded below: never re-read model.pretrained (it may have moved)
+        model = build_model(dict(arch["model"]), int(arch["num_classes"]), int(arch["cls_classes"]),
+                            load_pretrained_weights=False)
         if arch.get("widths"):
             apply_widths(model, arch["widths"], source=str(arch_path))
     except (KeyError, TypeError, ValueError) as exc:
@@ -283,6 +286,9 @@ class Pipeline:
             self.cls_train_base = build_cls_dataset(dcls, dcls["train_split"], True, self.bseed)
         else:
             self.seg_train_base, self.cls_train_base = self.seg_train, self.cls_train
+        pre = cfg["model"].get("pretrained")
+        if pre is not None and not Path(pre).is_file():
+            raise ConfigError(f"model.pretrained={pre!r}: no such file (a torchvision-format .pth or .safetensors)")
         for flag, sets in ((dseg.get("validate"), (self.seg_train, self.seg_eval)),
                            (dcls.get("validate"), (self.cls_train, self.cls_eval))):
             for ds in sets:

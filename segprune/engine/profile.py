@@ -26,12 +26,15 @@ FLOPS_NOTE = (
 
 
 def count_params(model: nn.Module) -> int:
-    """Total number of parameter elements, trainable or not.
+    """Number of parameter elements of the deployed network, trainable or not.
 
     Parameters shared between modules (the same ``nn.Parameter`` registered
-    twice) are counted once. Buffers (e.g. BN running stats) are not counted.
+    twice) are counted once. Buffers (e.g. BN running stats) are not counted,
+    nor are training-only submodules the model lists in ``aux_modules``
+    (PSPNet's and BiSeNet's auxiliary heads, which inference never runs).
     """
-    seen: set[int] = set()
+    skip = {id(p) for name in getattr(model, "aux_modules", ()) for p in model.get_submodule(name).parameters()}
+    seen: set[int] = set(skip)
     total = 0
     for p in model.parameters():  # already de-duplicates by identity
         if id(p) in seen:

@@ -16,7 +16,7 @@ from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors)
 
-__all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd",
+__all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "seg_loss",
            "train_segmentation", "train_classification", "iters_per_epoch"]
 
 
@@ -107,6 +107,29 @@ def _train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stag
     return {**out, "iters": it}  # the caller deletes the in-stage checkpoint once the stage is saved
 
 
+def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Segmentation loss of ``model`` on images x (N, 3, H, W) and labels y (N, H, W), ignore index excluded.
+
+    ``CE(model(x), y)``; for a model in train mode with auxiliary heads (``forward_aux`` and
+    ``aux_weights``, see ``segprune.models.common``) ``CE(main) + sum_i aux_weights[i] * CE(aux_i)``
+    (PSPNet: 0.4 on the layer3 FCN head, PSPNet paper Sec. 3.4; BiSeNet: 1 on each of its two
+    context heads, BiSeNet paper Eq. 2). Models without auxiliary heads take exactly the plain path.
+
+    Raises:
+        ValueError: ``forward_aux`` returns another number of auxiliary outputs than ``aux_weights``.
+    """
+    weights = getattr(model, "aux_weights", None)
+    if not weights or not model.training or not hasattr(model, "forward_aux"):
+        return F.cross_entropy(model(x), y, ignore_index=ignore_index)
+    main, aux = model.forward_aux(x)
+    if len(aux) != len(weights):
+        raise ValueError(f"{type(model).__name__}: {len(aux)} auxiliary outputs but {len(weights)} aux_weights")
+    loss = F.cross_entropy(main, y, ignore_index=ignore_index)
+    for w, a in zip(weights, aux):
+        loss = loss + float(w) * F.cross_entropy(a, y, ignore_index=ignore_index)
+    return loss
+
+
 def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_index: int, log: StageLog,
                        step_hook: Callable[[int], None] | None = None, post_step: Callable[[float], None] | None = None,
                        ckpt: StageCheckpoint | None = None) -> dict:
@@ -120,7 +143,7 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
         NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
     """
     def step(x, y, opt, it):
-        loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
+        loss = seg_loss(model, x, y, ignore_index)
         check_finite(loss, log.stage, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -36,10 +36,9 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..engine.train import check_finite, iters_per_epoch, poly_lr
+from ..engine.train import check_finite, iters_per_epoch, poly_lr, seg_loss
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import check_keep_ratio
 from .base import PruningMethod, register_method
@@ -266,7 +265,7 @@ class ACoSP(PruningMethod):
                     lr = poly_lr(lr0, it, total, 0.9)
                     for g in opt.param_groups:
                         g["lr"] = lr * g.get("lr_scale", 1.0)
-                    loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
+                    loss = seg_loss(model, x, y, ignore_index)  # + auxiliary heads (PSPNet, BiSeNet)
                     check_finite(loss, log.stage, it)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

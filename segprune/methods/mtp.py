@@ -37,6 +37,13 @@ Choices where the paper is silent (see docs/methods.md):
   ``keep_copy="w1"`` copies W1's parameters into the segmentation backbone instead.
   Either way the classification head ``fc`` of W1 is copied into the model, for the
   classification fine-tuning of Algorithm 1 line 11.
+
+Which module is W1 (:func:`cls_branch`): for the zoo models, ``model.backbone`` (a ResNet whose
+``forward`` gives class logits and whose head is ``fc``). A model that sets ``cls_head`` (module
+name, or tuple of names, of its classification head) and ``forward_cls(x)`` instead — what
+``segprune.api.prune_model`` attaches to any user module — has the whole model copied as W1; only
+the parameters under ``parts["backbone"]`` are coupled (W1 = W3), the head is W1's alone, and the
+decoder part of the copy is never used.
 """
 from __future__ import annotations
 
@@ -50,10 +57,10 @@ from torch import nn
 from ..engine.log import StageLog
 from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
                              load_optimizer_tensors, module_tensors, optimizer_tensors)
-from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, set_lr
-from ..pruning.groups import PruneUnit
+from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, seg_loss, set_lr
+from ..pruning.groups import PruneUnit, in_part
 
-__all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_", "MTP_CONFIG_KEYS"]
+__all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_", "MTP_CONFIG_KEYS", "cls_branch"]
 
 #: the ``method:`` keys MTP reads
 MTP_CONFIG_KEYS = ("epochs", "lr_seg", "lr_cls", "momentum", "weight_decay", "lam", "alpha1", "alpha2", "mu0", "rho",
@@ -79,42 +86,79 @@ def l1_subgradient_(gammas: list[torch.Tensor], alpha: float) -> None:
         g.grad.add_(torch.sign(g.detach()), alpha=alpha)
 
 
+def _under(name: str, heads) -> bool:
+    """True if parameter/module ``name`` is one of the modules ``heads`` or inside one."""
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def cls_branch(model: nn.Module) -> tuple[nn.Module, str, tuple[str, ...]]:
+    """The module MTP copies as the classification network W1 (N1 of the paper, Eq. 1/7).
+
+    Returns:
+        ``(branch, rel, heads)``: ``branch`` is a submodule of ``model`` (or ``model`` itself),
+        ``rel`` the prefix of its names inside ``model`` (``""`` for the model itself) and
+        ``heads`` the names, relative to ``branch``, of the classification head modules (their
+        parameters belong to W1 only and are not coupled to W3).
+
+        * zoo models: ``(model.backbone, model.parts["backbone"], ("fc",))``; the copy's
+          ``forward`` gives the class logits;
+        * models with a ``cls_head`` attribute (a module name or a tuple of names, e.g. set by
+          ``segprune.api``): ``(model, "", cls_head)``; the copy's ``forward_cls`` gives the logits.
+
+    Raises:
+        ValueError: neither ``model.cls_head`` nor ``model.backbone.fc`` exists.
+    """
+    heads = getattr(model, "cls_head", None)
+    if heads:
+        return model, "", (heads,) if isinstance(heads, str) else tuple(heads)
+    if getattr(getattr(model, "backbone", None), "fc", None) is None:
+        raise ValueError("MTP needs a classification head: model.backbone.fc is missing (for another network, "
+                         "name the head and the classification data: segprune.api.prune_model(..., cls_head=, "
+                         "cls_loader=))")
+    return model.backbone, model.parts["backbone"], ("fc",)
+
+
 class MTP:
     """State and update rules of MTP sparsity training for one segmentation model.
 
     Args:
-        model: segmentation model with ``backbone`` (a module with ``fc``) and ``forward_cls``;
-            its ``backbone`` is W3 and the rest of its parameters are W2.
+        model: segmentation model with ``backbone`` (a module with ``fc``) and ``forward_cls``,
+            or with ``cls_head`` + ``forward_cls`` (see :func:`cls_branch`); its parameters under
+            ``parts["backbone"]`` are W3 and the rest (but the classification head) are W2.
         units: prunable units (``segprune.pruning.discover_units``); ℓ1 acts on their γ.
         cfg: the ``method:`` config section (lam, alpha1, alpha2, mu0, rho, mu_max, lr_seg,
             lr_cls, momentum, weight_decay, l1_mode, keep_copy).
 
     Raises:
-        ValueError: ``rho <= 1`` or a model without ``backbone.fc``.
+        ValueError: ``rho <= 1`` or a model without a classification head (:func:`cls_branch`).
     """
 
     def __init__(self, model: nn.Module, units: list[PruneUnit], cfg: dict):
         if float(cfg["rho"]) <= 1:
             raise ValueError(f"method.rho={cfg['rho']!r} must be > 1 (MTP paper, Eq. 10)")
-        if getattr(model.backbone, "fc", None) is None:
-            raise ValueError("MTP needs a classification head: model.backbone.fc is missing")
+        branch, rel, heads = cls_branch(model)
         self.model, self.cfg = model, cfg
-        self.w1 = copy.deepcopy(model.backbone)
+        self.rel, self.heads = rel, heads
+        self.w1 = copy.deepcopy(branch)
+        #: class logits (N, K_cls) of W1 for images (N, C, h, w)
+        self.forward_w1 = self.w1.forward_cls if branch is model else self.w1
         p1 = dict(self.w1.named_parameters())
-        p3 = dict(model.backbone.named_parameters())
-        self.shared = [n for n in p1 if not n.startswith("fc.")]
+        p3 = dict(branch.named_parameters())
+        backbone = model.parts["backbone"]
+        self.shared = [n for n in p1 if not _under(n, heads) and in_part(rel + n, backbone)]
         self.p1 = [p1[n] for n in self.shared]
         self.p3 = [p3[n] for n in self.shared]
         self.E = [torch.zeros_like(p) for p in self.p1]
         self.mu = float(cfg["mu0"])
         self.steps = 0
-        prefix = model.parts["backbone"]
         w1_mods, mods = dict(self.w1.named_modules()), dict(model.named_modules())
-        self.gamma1 = [w1_mods[b[len(prefix):]].weight for u in units if u.part == "backbone" for b in u.bns]
+        self.gamma1 = [w1_mods[b[len(rel):]].weight for u in units if u.part == "backbone" for b in u.bns]
         self.gamma2 = [mods[b].weight for u in units if u.part != "backbone" for b in u.bns]
         self.units = units
-        seg_params = [p for n, p in model.named_parameters() if not n.startswith(prefix + "fc.")]
-        self.opt1 = torch.optim.SGD(self.w1.parameters(), lr=cfg["lr_cls"], momentum=cfg["momentum"],
+        seg_params = [p for n, p in model.named_parameters() if not _under(n, [rel + h for h in heads])]
+        shared = set(self.shared)
+        w1_params = [p for n, p in p1.items() if n in shared or _under(n, heads)]
+        self.opt1 = torch.optim.SGD(w1_params, lr=cfg["lr_cls"], momentum=cfg["momentum"],
                                     weight_decay=cfg["weight_decay"])
         self.opt23 = torch.optim.SGD(seg_params, lr=cfg["lr_seg"], momentum=cfg["momentum"],
                                      weight_decay=cfg["weight_decay"])
@@ -131,7 +175,7 @@ class MTP:
     def step_w1(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
         """One SGD step of Eq. 7 on a classification batch x (N, 3, h, w), y (N,). Returns l_cls."""
         self.w1.train()
-        loss = F.cross_entropy(self.w1(x), y)
+        loss = F.cross_entropy(self.forward_w1(x), y)
         check_finite(loss, "sparsity (W1, Eq. 7)", self.steps)
         self.opt1.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,7 +196,7 @@ class MTP:
     def step_w23(self, x: torch.Tensor, y: torch.Tensor, lr: float, ignore_index: int) -> float:
         """One SGD step of Eq. 8 (W2) and Eq. 9 (W3) on a segmentation batch x (N,3,H,W), y (N,H,W)."""
         self.model.train()
-        seg = F.cross_entropy(self.model(x), y, ignore_index=ignore_index)
+        seg = seg_loss(self.model, x, y, ignore_index)  # + weighted auxiliary-head losses, if the model has them
         check_finite(seg, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
         loss = float(self.cfg["lam"]) * seg
         self.opt23.zero_grad(set_to_none=True)
@@ -193,14 +237,14 @@ class MTP:
 
     def score_sources(self) -> dict[str, nn.Module]:
         """BN name (in the model) -> BN module to read γ from: W1 for backbone (Algorithm 1, line 9)."""
-        prefix = self.model.parts["backbone"]
         w1_mods = dict(self.w1.named_modules())
-        return {b: w1_mods[b[len(prefix):]] for u in self.units if u.part == "backbone" for b in u.bns}
+        return {b: w1_mods[b[len(self.rel):]] for u in self.units if u.part == "backbone" for b in u.bns}
 
     def finalize(self) -> None:
-        """Write the kept copy into the model: W1's ``fc`` always, W1's shared params if keep_copy="w1"."""
+        """Write the kept copy into the model: W1's head (``fc``) always, W1's shared params if keep_copy="w1"."""
         with torch.no_grad():
-            self.model.backbone.fc.load_state_dict(self.w1.fc.state_dict())
+            for h in self.heads:
+                self.model.get_submodule(self.rel + h).load_state_dict(self.w1.get_submodule(h).state_dict())
             if self.cfg["keep_copy"] == "w1":
                 for a, b in zip(self.p3, self.p1):
                     a.copy_(b)

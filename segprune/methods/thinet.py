@@ -155,7 +155,8 @@ class ThiNet(PruningMethod):
         by_consumer: dict[str, list[tuple[str, torch.Tensor]]] = {}
         for u in units:
             if not slices[u.name]:
-                raise ValueError(f"ThiNet: unit {u.name} feeds no convolution; cannot score it")
+                raise ValueError(f"ThiNet: unit {u.name} feeds no convolution; cannot score it (its channels are read "
+                                 f"only by other layers, e.g. ConvTranspose2d or Linear; list it in never_prune)")
             for cname, in_idx in slices[u.name]:
                 by_consumer.setdefault(cname, []).append((u.name, in_idx))
         grams = {u.name: torch.zeros(u.channels, u.channels, dtype=torch.float64) for u in units}

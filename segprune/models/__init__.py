@@ -2,7 +2,9 @@
 
 Register a new architecture with :func:`register_model`; every segmentation model must expose
 ``forward(x) -> (N, K, H, W)`` logits, ``forward_cls(x) -> (N, K_cls)``, ``parts`` (module-name
-prefixes of ``backbone`` and ``decoder``) and ``never_prune`` (layer names never pruned).
+prefixes of ``backbone`` and ``decoder``) and ``never_prune`` (layer names never pruned). Models
+with training-only auxiliary heads also expose ``forward_aux``, ``aux_weights`` and
+``aux_modules`` (see :mod:`segprune.models.common`). The zoo is documented in docs/models.md.
 """
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .bisenet import BiSeNet, build_bisenet
 from .deeplabv3 import DeepLabV3
+from .pretrained import load_pretrained
+from .pspnet import PSPNet, build_pspnet
 from .resnet import ResNet
 
-__all__ = ["register_model", "build_model", "list_models", "MODEL_DEFAULTS"]
+__all__ = ["register_model", "build_model", "list_models", "MODEL_DEFAULTS", "load_pretrained"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -25,11 +30,16 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "multi_grid": None,
     "aspp_channels": 256,
     "aspp_rates": None,
+    # path of a torchvision-format ResNet or DeepLabv3 state dict (.pth/.pt or .safetensors), or null
+    "pretrained": None,
 }
 
 
 def register_model(name: str):
-    """Decorator registering a builder ``fn(num_classes, cls_classes, **model_cfg) -> nn.Module``."""
+    """Decorator registering a builder ``fn(num_classes, cls_classes, **model_cfg) -> nn.Module``.
+
+    ``model_cfg`` holds every key of :data:`MODEL_DEFAULTS` but ``name`` and ``pretrained``.
+    """
     def deco(fn):
         _REGISTRY[name] = fn
         return fn
@@ -55,18 +65,60 @@ for _d in (18, 34, 50, 101):
     register_model(f"deeplabv3_resnet{_d}")(_deeplab(_d))
 
 
-def build_model(cfg: dict, num_classes: int, cls_classes: int) -> nn.Module:
-    """Build the model named ``cfg["name"]``.
+def _no_aspp(name: str, multi_grid, aspp_channels, aspp_rates) -> None:
+    """Refuse DeepLab-only keys set to a non-default value for a model that has no ASPP."""
+    bad = [f"{k}={v!r}" for k, v, default in (("multi_grid", multi_grid, None), ("aspp_channels", aspp_channels, 256),
+                                              ("aspp_rates", aspp_rates, None)) if v != default]
+    if bad:
+        raise ValueError(f"model.{', model.'.join(bad)}: not used by {name} (DeepLabv3 keys); remove them")
+
+
+@register_model("pspnet_resnet50")
+def _pspnet_resnet50(num_classes: int, cls_classes: int, width: float = 1.0, output_stride: int = 16,
+                     multi_grid=None, aspp_channels: int = 256, aspp_rates=None, deep_stem: bool = False) -> PSPNet:
+    """PSPNet-R50 (``segprune.models.pspnet``). The paper's network has output stride 8: set
+    ``model.output_stride: 8`` (the config default 16 gives a cheaper variant). ``deep_stem``
+    (Python only, not a config key): semseg's 3-conv stem, the paper's exact parameter count."""
+    _no_aspp("pspnet_resnet50", multi_grid, aspp_channels, aspp_rates)
+    return build_pspnet(50, num_classes, cls_classes, width, output_stride, deep_stem)
+
+
+@register_model("bisenet_resnet18")
+def _bisenet_resnet18(num_classes: int, cls_classes: int, width: float = 1.0, output_stride: int = 16,
+                      multi_grid=None, aspp_channels: int = 256, aspp_rates=None) -> BiSeNet:
+    """BiSeNet-R18 (``segprune.models.bisenet``). Its strides are fixed by the architecture (spatial
+    path 8, context path 32): ``model.output_stride`` must stay at its default (16)."""
+    _no_aspp("bisenet_resnet18", multi_grid, aspp_channels, aspp_rates)
+    if output_stride != 16:
+        raise ValueError(f"model.output_stride={output_stride!r}: not used by bisenet_resnet18 (its strides are fixed: "
+                         "spatial path 8, context path 32); leave it at the default 16")
+    return build_bisenet(num_classes, cls_classes, width)
+
+
+def build_model(cfg: dict, num_classes: int, cls_classes: int, load_pretrained_weights: bool = True) -> nn.Module:
+    """Build the model named ``cfg["name"]``; load ``cfg["pretrained"]`` into it if set.
 
     Args:
         cfg: the ``model:`` section (keys of :data:`MODEL_DEFAULTS`).
         num_classes: segmentation classes K (output channels of the final classifier).
         cls_classes: classes of the classification head (``backbone.fc``).
+        load_pretrained_weights: False skips ``cfg["pretrained"]`` (rebuilding a saved run, whose
+            own weights are loaded afterwards).
     Raises:
         KeyError: unknown model name (the message lists the registered names).
+        ValueError: a key the model does not use set to a non-default value; a ``pretrained`` file
+            that does not fit (see :func:`segprune.models.pretrained.load_pretrained`).
+        FileNotFoundError: ``pretrained`` names a missing file.
     """
     cfg = {**MODEL_DEFAULTS, **cfg}
     name = cfg.pop("name")
+    pretrained = cfg.pop("pretrained")
     if name not in _REGISTRY:
         raise KeyError(f"model.name={name!r} is not registered; known: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, cls_classes=cls_classes, **cfg)
+    model = _REGISTRY[name](num_classes=num_classes, cls_classes=cls_classes, **cfg)
+    if pretrained and load_pretrained_weights:
+        report = load_pretrained(model, pretrained)
+        if report["skipped"]:
+            import warnings
+            warnings.warn(report.summary(), stacklevel=2)
+    return model

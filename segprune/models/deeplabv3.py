@@ -59,11 +59,18 @@ class ASPP(nn.Module):
 
 
 class DeepLabHead(nn.Sequential):
-    """ASPP -> 3x3 conv -> BN -> ReLU -> 1x1 conv: (N, cin, h, w) -> logits (N, num_classes, h, w)."""
+    """ASPP -> 3x3 conv -> BN -> ReLU -> 1x1 conv: (N, cin, h, w) -> logits (N, num_classes, h, w).
 
-    def __init__(self, cin: int, num_classes: int, rates: Sequence[int], channels: int = 256):
-        super().__init__(ASPP(cin, rates, channels), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, num_classes, 1))
+    ``head_conv=False`` drops the 3x3 conv/BN/ReLU (ASPP -> 1x1 conv), the layout of
+    chenxi116/DeepLabv3.pytorch that the MTP paper used (its footnote 1): 589,824 + 512 fewer
+    parameters at 256 channels, which is the difference between torchvision's DeepLabv3-R101
+    (58.63M without ``fc``) and the paper's 58.04M.
+    """
+
+    def __init__(self, cin: int, num_classes: int, rates: Sequence[int], channels: int = 256, head_conv: bool = True):
+        mid = [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+               nn.ReLU(inplace=True)] if head_conv else []
+        super().__init__(ASPP(cin, rates, channels), *mid, nn.Conv2d(channels, num_classes, 1))
 
 
 class DeepLabV3(nn.Module):
@@ -77,19 +84,24 @@ class DeepLabV3(nn.Module):
         parts: ``{"backbone": "backbone.", "decoder": "classifier."}`` module-name prefixes
             (N1/W1 and the decoder W2 of the MTP paper).
         never_prune: output layers whose output channels must never be removed.
+
+    ``head_conv``: see :class:`DeepLabHead` (False = the MTP paper's 58.04M layout).
+
+    Raises:
+        ValueError: ``num_classes < 1``.
     """
 
     def __init__(self, backbone: ResNet, num_classes: int, aspp_channels: int = 256,
-                 rates: Sequence[int] | None = None):
+                 rates: Sequence[int] | None = None, head_conv: bool = True):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} must be >= 1")
         self.backbone = backbone
         rates = tuple(rates) if rates is not None else ASPP_RATES.get(backbone.output_stride, (6, 12, 18))
-        self.classifier = DeepLabHead(backbone.out_channels, num_classes, rates, aspp_channels)
+        self.classifier = DeepLabHead(backbone.out_channels, num_classes, rates, aspp_channels, head_conv)
         self.num_classes = num_classes
         self.parts = {"backbone": "backbone.", "decoder": "classifier."}
-        self.never_prune = ("classifier.4", "backbone.fc")
+        self.never_prune = (f"classifier.{len(self.classifier) - 1}", "backbone.fc")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.classifier(self.backbone.forward_features(x))

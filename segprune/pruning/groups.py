@@ -16,7 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-__all__ = ["PruneUnit", "build_graph", "discover_units", "unit_gammas"]
+__all__ = ["PruneUnit", "build_graph", "discover_units", "unit_gammas", "in_part", "has_cls_forward"]
 
 
 @dataclass
@@ -41,9 +41,18 @@ class PruneUnit:
     extra: dict = field(default_factory=dict)
 
 
+def has_cls_forward(model: nn.Module) -> bool:
+    """True if ``model`` has a classification forward to trace: ``forward_cls`` plus either a
+    zoo-style head ``backbone.fc`` or a ``cls_head`` attribute (the name(s) of the head modules,
+    set e.g. by ``segprune.api`` on a user's network)."""
+    if not hasattr(model, "forward_cls"):
+        return False
+    return getattr(getattr(model, "backbone", None), "fc", None) is not None or bool(getattr(model, "cls_head", None))
+
+
 def _forward_both(model: nn.Module, x: torch.Tensor):
     outs = [model(x)]
-    if hasattr(model, "forward_cls") and getattr(getattr(model, "backbone", None), "fc", None) is not None:
+    if has_cls_forward(model):
         outs.append(model.forward_cls(x))
     return tuple(outs)
 
@@ -51,22 +60,30 @@ def _forward_both(model: nn.Module, x: torch.Tensor):
 def build_graph(model: nn.Module, input_size: tuple[int, int] = (64, 64)) -> tp.DependencyGraph:
     """Trace ``model`` (segmentation and, if present, classification forward) into a DepGraph.
 
-    The model is traced in eval mode on a zero image (1, 3, H, W); its mode is restored.
+    The model is traced in eval mode on a zero image (1, C, H, W), C = ``model.input_channels``
+    if the model has that attribute, else 3; its mode is restored. Tracing the classification
+    forward too (:func:`has_cls_forward`) makes the head's input features part of the groups, so
+    pruning the last backbone layer also shrinks the head.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():  # DepGraph traces through autograd
-            x = torch.zeros(1, 3, *input_size)
+            x = torch.zeros(1, int(getattr(model, "input_channels", 3)), *input_size)
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=x, forward_fn=_forward_both, verbose=False)
     finally:
         model.train(was_training)
     return graph
 
 
-def _part_of(name: str, parts: dict[str, str]) -> str:
+def in_part(name: str, prefix) -> bool:
+    """True if module/parameter ``name`` starts with ``prefix`` (a str, or a list/tuple of str: any of them)."""
+    return name.startswith(tuple(prefix) if isinstance(prefix, (list, tuple)) else prefix)
+
+
+def _part_of(name: str, parts: dict) -> str:
     for part, prefix in parts.items():
-        if name.startswith(prefix):
+        if in_part(name, prefix):
             return part
     return "other"
 
@@ -74,6 +91,8 @@ def _part_of(name: str, parts: dict[str, str]) -> str:
 def discover_units(model: nn.Module, graph: tp.DependencyGraph, include_coupled: bool = False) -> list[PruneUnit]:
     """List the prunable units of ``model`` in module order.
 
+    ``model.parts`` maps a part name (``"backbone"``, ``"decoder"``, ...) to a module-name prefix
+    (or a list of prefixes); a unit whose root convolution matches none is in part ``"other"``.
     Layers named in ``model.never_prune`` (and any group that would change their output
     channels) are skipped, as are groups with no BatchNorm (no scaling factor γ to rank by).
     """
