@@ -358,7 +358,55 @@ def measure_ort_latency(session, input_size: Sequence[int], batch_size: int = 1,
     threads = session.get_session_options().intra_op_num_threads
     return {"median_ms": float(statistics.median(s)), "p10_ms": _percentile(s, 0.1), "p90_ms": _percentile(s, 0.9),
             "min_ms": s[0], "runs": runs, "warmup": warmup, "batch_size": batch_size, "input_size": [h, w],
-            "threads": int(threads)}
+            "threads": int(threads), "times_ms": times}
+
+
+#: a baseline/pruned pair is timed in this many alternating rounds (see :func:`interleaved_latency`)
+ROUNDS = 5
+
+
+def interleaved_latency(measure: dict[str, Any], runs: int, warmup: int, rounds: int = ROUNDS) -> dict[str, dict]:
+    """Time several models in alternating rounds so that each sees the same machine state.
+
+    On a shared or throttling machine the speed drifts over seconds; timing model A's ``runs``
+    then model B's compares two different machines. Here every model gets ``warmup`` untimed runs,
+    then ``rounds`` rounds of ``ceil(runs / rounds)`` timed runs each, the model order reversed
+    every other round (A B, B A, ...), and the times of all rounds are pooled.
+
+    Args:
+        measure: name -> ``fn(runs, warmup) -> dict`` with ``"times_ms"`` (a list of per-run ms),
+            e.g. :func:`segprune.engine.profile.measure_latency` or :func:`measure_ort_latency`
+            bound to one model.
+    Returns:
+        name -> the first round's dict with ``median_ms``, ``p10_ms``, ``p90_ms``, ``min_ms`` and
+        ``runs`` recomputed over the pooled times (``runs`` = rounds x per-round runs >= ``runs``),
+        ``warmup`` set to ``warmup`` and ``rounds`` added; ``times_ms`` is dropped.
+    Raises:
+        ValueError: ``runs < 1``, ``warmup < 0`` or ``rounds < 1``.
+    """
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"need runs >= 1, warmup >= 0, rounds >= 1; got {runs}, {warmup}, {rounds}")
+    rounds = min(rounds, runs)
+    per = -(-runs // rounds)
+    names = list(measure)
+    for name in names:
+        if warmup:  # warmup - 1 untimed runs + 1 timed run that is thrown away
+            measure[name](1, warmup - 1)
+    pooled: dict[str, list[float]] = {n: [] for n in names}
+    first: dict[str, dict] = {}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            res = measure[name](per, 0)
+            pooled[name] += res.pop("times_ms")
+            first.setdefault(name, res)
+    out = {}
+    for name in names:
+        s = sorted(pooled[name])
+        d = {k: v for k, v in first[name].items() if k not in ("latency_ms", "times_ms")}
+        d.update(median_ms=float(statistics.median(s)), p10_ms=_percentile(s, 0.1), p90_ms=_percentile(s, 0.9),
+                 min_ms=s[0], runs=len(s), warmup=warmup, rounds=rounds)
+        out[name] = d
+    return out
 
 
 def cpu_model() -> str:
@@ -413,8 +461,9 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
     widths, so the same latency) or a config YAML (one freshly built, unpruned model
     ``unpruned``). For each batch size, PyTorch eager (:func:`~segprune.engine.profile.measure_latency`)
     and, with ``onnx``, ONNX Runtime (:func:`measure_ort_latency`, model exported to a temporary
-    file by :func:`export_onnx`) are measured; the models are measured back to back per batch and
-    backend so that a baseline/pruned pair sees the same machine state. Inputs are zeros.
+    file by :func:`export_onnx`) are measured; per batch and backend the models are timed in
+    alternating rounds (:func:`interleaved_latency`) so that a baseline/pruned pair sees the same
+    machine state. Inputs are zeros.
 
     Args:
         batches: batch sizes (>= 1). runs: timed runs (>= 1). warmup: untimed runs (>= 0).
@@ -472,13 +521,16 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
                 f = Path(tmp) / f"{name}.onnx"
                 export_onnx(m, f, size, opset)
                 sessions[name] = ort_session(f, threads)
-        for b in batches:
-            for name, m in models.items():
-                lat = measure_latency(m, size, batch_size=b, threads=threads, warmup=warmup, runs=runs)
-                lat["median_ms"] = lat.pop("latency_ms")
+        for b in batches:  # models interleaved per backend: a pair sees the same machine state
+            eager = interleaved_latency({name: (lambda n, w, _m=m, _b=b: measure_latency(
+                _m, size, batch_size=_b, threads=threads, warmup=w, runs=n)) for name, m in models.items()}, runs, warmup)
+            for name, lat in eager.items():
                 out["models"][name]["latency"][str(b)]["eager"] = lat
-            for name, sess in sessions.items():
-                out["models"][name]["latency"][str(b)]["ort"] = measure_ort_latency(sess, size, b, warmup, runs)
+            if sessions:
+                ort_lat = interleaved_latency({name: (lambda n, w, _s=sess, _b=b: measure_ort_latency(_s, size, _b, w, n))
+                                               for name, sess in sessions.items()}, runs, warmup)
+                for name, lat in ort_lat.items():
+                    out["models"][name]["latency"][str(b)]["ort"] = lat
     if "baseline" in models and "pruned" in models:
         bm, pm = out["models"]["baseline"], out["models"]["pruned"]
         out["ratios"] = {}

@@ -177,3 +177,22 @@ def test_benchmark_takes_the_pruning_stage_of_an_unfinished_run(run, tmp_path, c
     capsys.readouterr()
     assert main(["export", str(part), "--onnx", str(tmp_path / "x.onnx")]) == 2
     assert "fine-tuning" in capsys.readouterr().err
+
+
+def test_interleaved_latency_alternates_models_and_pools_rounds():
+    """A/B timing in alternating rounds: the order of calls is A B B A A ..., every time is pooled."""
+    from segprune.deploy import interleaved_latency
+    calls = []
+
+    def fake(name, ms):
+        def measure(n, w):
+            calls.append((name, n, w))
+            return {"median_ms": -1.0, "times_ms": [ms + i for i in range(n)], "batch_size": 1}
+        return measure
+    out = interleaved_latency({"a": fake("a", 10.0), "b": fake("b", 20.0)}, runs=9, warmup=3, rounds=3)
+    assert calls[:2] == [("a", 1, 2), ("b", 1, 2)]  # warm-up: 2 untimed + 1 discarded each
+    assert [c[0] for c in calls[2:]] == ["a", "b", "b", "a", "a", "b"] and all(c[1:] == (3, 0) for c in calls[2:])
+    assert out["a"]["runs"] == 9 and out["a"]["rounds"] == 3 and out["a"]["warmup"] == 3
+    assert out["a"]["median_ms"] == 11.0 and out["b"]["min_ms"] == 20.0 and "times_ms" not in out["a"]
+    with pytest.raises(ValueError):
+        interleaved_latency({"a": fake("a", 1.0)}, runs=0, warmup=0)

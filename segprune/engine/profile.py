@@ -143,7 +143,7 @@ def measure_latency(
 
     Returns:
         ``{"latency_ms": median, "p10_ms", "p90_ms", "min_ms", "runs", "warmup",
-        "threads", "batch_size", "input_size": [H, W], "device"}``; times in
+        "threads", "batch_size", "input_size": [H, W], "device", "times_ms"}``; times in
         milliseconds per forward pass of the whole batch, ``threads`` is the
         intra-op thread count in effect during the measurement, ``device`` the
         device type of the input (``"cpu"`` for CPU models).
@@ -195,6 +195,7 @@ def measure_latency(
         "batch_size": batch_size,
         "input_size": [h, w],
         "device": x.device.type,
+        "times_ms": times,
     }
 
 
@@ -217,6 +218,7 @@ def profile_model(
         model, input_size, batch_size=1, threads=threads, warmup=warmup, runs=runs,
         in_channels=in_channels,
     )
+    lat.pop("times_ms")  # the summary is enough in metrics.json
     return {
         "params": count_params(model),
         "flops": flops["flops"],
