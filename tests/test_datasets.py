@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -15,7 +14,6 @@ from segprune.data import (
     ADE20K,
     SEG_DATASET_NAMES,
     Cityscapes,
-    DataError,
     ImageFolderDataset,
     SegEvalTransform,
     VOCSegmentation,
@@ -47,13 +45,7 @@ def _label(path: Path, arr: np.ndarray, mode: str = "L") -> None:
     im.save(path)
 
 
-def _err(fn, *needles) -> str:
-    with pytest.raises(DataError) as info:
-        fn()
-    msg = str(info.value)
-    for n in needles:
-        assert str(n) in msg, f"{n!r} not in error message {msg!r}"
-    return msg
+from test_data import _expect_data_error as _err  # noqa: E402  (asserts a DataError naming every needle)
 
 
 # --------------------------------------------------------------------------- PASCAL VOC + SBD

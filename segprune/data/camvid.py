@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
+from .base import SegPairs
 from .errors import DataError
 from .transforms import SegEvalTransform
 
@@ -66,7 +65,7 @@ def load_label(path: Path) -> np.ndarray:
     return arr
 
 
-class CamVid(Dataset):
+class CamVid(SegPairs):
     """CamVid semantic segmentation, 11 classes + void.
 
     Args:
@@ -144,13 +143,6 @@ class CamVid(Dataset):
             raise DataError(f"CamVid split {self.split!r} is empty: {list_file} lists no pairs")
         return pairs
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch used to derive per-item augmentation RNGs."""
-        self.epoch = int(epoch)
-
     def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """Load and check pair ``index`` without any transform.
 
@@ -179,24 +171,3 @@ class CamVid(Dataset):
         label = raw.astype(np.int64)
         label[raw == self.void_label] = self.ignore_index
         return image, label
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.load_pair(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.transform(image, label, rng)
-
-    def validate(self) -> None:
-        """Fully decode and check every pair (slow; opt-in).
-
-        Raises:
-            DataError: on the first bad pair (see :meth:`load_pair`).
-        """
-        for i in range(len(self)):
-            self.load_pair(i)
-
-    def describe(self) -> str:
-        """Short one-line description for logs."""
-        return f"CamVid(split={self.split}, n={len(self)}, root={self.root})"
-
-    def __repr__(self) -> str:
-        return self.describe()

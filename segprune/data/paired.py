@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from .camvid import load_label, load_rgb
+from .base import SegPairs
 from .errors import DataError
 from .transforms import SegEvalTransform
 
@@ -67,7 +66,7 @@ def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
     return out
 
 
-class PairedSegDataset(Dataset):
+class PairedSegDataset(SegPairs):
     """Base class: segmentation pairs found on disk, raw label values mapped by a lookup table.
 
     Subclasses set :attr:`CLASSES`, :attr:`PALETTE`, :attr:`num_classes`, :attr:`DATASET`,
@@ -154,13 +153,6 @@ class PairedSegDataset(Dataset):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ items
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch used to derive per-item augmentation RNGs."""
-        self.epoch = int(epoch)
-
     def map_label(self, raw: np.ndarray, path: Path | str = "<label>") -> np.ndarray:
         """Map raw label values to training classes.
 
@@ -211,28 +203,6 @@ class PairedSegDataset(Dataset):
                 f"label {lab_path} is {raw.shape[1]}x{raw.shape[0]} (WxH)"
             )
         return image, self.map_label(raw, lab_path)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.load_pair(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.transform(image, label, rng)
-
-    def validate(self) -> None:
-        """Fully decode and check every pair (slow: minutes for 10k images; opt-in through
-        ``data.seg.validate``).
-
-        Raises:
-            DataError: on the first bad pair (see :meth:`load_pair`).
-        """
-        for i in range(len(self)):
-            self.load_pair(i)
-
-    def describe(self) -> str:
-        """Short one-line description for logs."""
-        return f"{type(self).__name__}(split={self.split}, n={len(self)}, root={self.root})"
-
-    def __repr__(self) -> str:
-        return self.describe()
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _split_candidates(self, split: str) -> tuple[str, ...]:
