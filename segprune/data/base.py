@@ -1,11 +1,58 @@
-"""Item access shared by every segmentation dataset made of (image file, label file) pairs."""
+"""Shared by every dataset: image and label decoding with clear errors, and item access of the segmentation datasets made of (image file, label file) pairs."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["SegPairs"]
+from .errors import DataError
+
+__all__ = ["SegPairs", "load_rgb", "load_label"]
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Fully decode an image file and return it as an RGB PIL image.
+
+    Raises:
+        DataError: the file is missing, not an image, corrupt or truncated
+            (the message names the file and the decoder error).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def load_label(path: Path) -> np.ndarray:
+    """Decode a single-channel label PNG into an integer array of shape ``(H, W)``.
+
+    Modes ``L``, ``P`` (palette indices are used as labels), ``I`` and ``I;16``
+    are accepted.
+
+    Raises:
+        DataError: unreadable/corrupt file, or a multi-channel (e.g. colour-coded
+            RGB) label; the message names the file and its mode.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.array(im)
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot read label {path}: {type(e).__name__}: {e}") from e
+    if arr.ndim != 2:
+        raise DataError(
+            f"label {path} must be a single-channel image of class ids, got mode {mode!r} "
+            f"with shape {arr.shape}"
+        )
+    return arr
 
 
 class SegPairs(Dataset):
@@ -16,6 +63,23 @@ class SegPairs(Dataset):
     label (h, w) int64)``) and implements ``load_pair(index) -> (PIL RGB image, label (H, W) int64)``
     with its per-item checks. Augmentation draws from ``np.random.default_rng([seed, epoch, index])``.
     """
+
+    def read_pair(self, index: int) -> tuple[Image.Image, np.ndarray, Path]:
+        """Decode pair ``index``: ``(RGB image, raw label (H, W) as stored, label path)``.
+
+        Raises:
+            DataError: corrupt image or label, multi-channel label, or image and label of
+                different sizes; the message names the file(s).
+        """
+        img_path, lab_path = self.pairs[index]
+        image = load_rgb(img_path)
+        raw = load_label(lab_path)
+        if raw.shape != (image.size[1], image.size[0]):
+            raise DataError(
+                f"size mismatch: image {img_path} is {image.size[0]}x{image.size[1]} (WxH) but "
+                f"label {lab_path} is {raw.shape[1]}x{raw.shape[0]} (WxH)"
+            )
+        return image, raw, lab_path
 
     def __len__(self) -> int:
         return len(self.pairs)

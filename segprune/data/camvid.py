@@ -15,56 +15,13 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .base import SegPairs
+from .base import SegPairs, load_label, load_rgb
 from .errors import DataError
 from .transforms import SegEvalTransform
 
 __all__ = ["CamVid", "load_rgb", "load_label"]
 
 # Errors PIL may raise for missing, unreadable, corrupt or truncated files.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Fully decode an image file and return it as an RGB PIL image.
-
-    Raises:
-        DataError: the file is missing, not an image, corrupt or truncated
-            (the message names the file and the decoder error).
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except _DECODE_ERRORS as e:
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
-def load_label(path: Path) -> np.ndarray:
-    """Decode a single-channel label PNG into an integer array of shape ``(H, W)``.
-
-    Modes ``L``, ``P`` (palette indices are used as labels), ``I`` and ``I;16``
-    are accepted.
-
-    Raises:
-        DataError: unreadable/corrupt file, or a multi-channel (e.g. colour-coded
-            RGB) label; the message names the file and its mode.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            arr = np.array(im)
-    except _DECODE_ERRORS as e:
-        raise DataError(f"cannot read label {path}: {type(e).__name__}: {e}") from e
-    if arr.ndim != 2:
-        raise DataError(
-            f"label {path} must be a single-channel image of class ids, got mode {mode!r} "
-            f"with shape {arr.shape}"
-        )
-    return arr
-
-
 class CamVid(SegPairs):
     """CamVid semantic segmentation, 11 classes + void.
 
@@ -153,14 +110,7 @@ class CamVid(SegPairs):
             DataError: corrupt image/label, size mismatch, or label values outside
                 ``0..10`` that are not ``void_label``.
         """
-        img_path, lab_path = self.pairs[index]
-        image = load_rgb(img_path)
-        raw = load_label(lab_path)
-        if raw.shape != (image.size[1], image.size[0]):
-            raise DataError(
-                f"size mismatch: image {img_path} is {image.size[0]}x{image.size[1]} (WxH) but "
-                f"label {lab_path} is {raw.shape[1]}x{raw.shape[0]} (WxH)"
-            )
+        image, raw, lab_path = self.read_pair(index)
         values = np.unique(raw)
         bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.void_label)]
         if bad.size:

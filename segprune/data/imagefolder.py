@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .camvid import load_rgb
+from .base import load_rgb
 from .errors import DataError
 from .transforms import ClsEvalTransform
 

@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .camvid import load_label, load_rgb
 from .base import SegPairs
 from .errors import DataError
 from .transforms import SegEvalTransform
@@ -194,14 +193,7 @@ class PairedSegDataset(SegPairs):
             DataError: corrupt image/label, multi-channel label, size mismatch or unknown
                 raw label values; the message names the file(s).
         """
-        img_path, lab_path = self.pairs[index]
-        image = load_rgb(img_path)
-        raw = load_label(lab_path)
-        if raw.shape != (image.size[1], image.size[0]):
-            raise DataError(
-                f"size mismatch: image {img_path} is {image.size[0]}x{image.size[1]} (WxH) but "
-                f"label {lab_path} is {raw.shape[1]}x{raw.shape[0]} (WxH)"
-            )
+        image, raw, lab_path = self.read_pair(index)
         return image, self.map_label(raw, lab_path)
 
     # ------------------------------------------------------------------ helpers for subclasses
