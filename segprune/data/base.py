@@ -1,4 +1,5 @@
-"""Shared by every dataset: image and label decoding with clear errors, and item access of the segmentation datasets made of (image file, label file) pairs."""
+"""Shared by every dataset: image and label decoding with clear errors, and the item access of the
+segmentation datasets made of (image file, label file) pairs."""
 from __future__ import annotations
 
 from pathlib import Path
