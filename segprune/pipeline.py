@@ -458,6 +458,11 @@ class Pipeline:
                 kw = {"ckpt": self._ckpt("sparsity")} if "ckpt" in inspect.signature(baseline_method.train).parameters else {}
                 info = baseline_method.train(base, units, seg_loader, cls_loader, ign, log, **kw) or {}
                 scores = unit_gammas(base, units)
+                learned = baseline_method.trained_state()
+                if learned:  # e.g. SIRFP's redundancy EMAs: a resume after this stage scores with them
+                    sparse_dir.mkdir(parents=True, exist_ok=True)
+                    save_state_dict(sparse_dir / "method_state.safetensors",
+                                    {k: v.contiguous() for k, v in learned.items()})
             sparse_dir.mkdir(parents=True, exist_ok=True)
             save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
             self._finish("sparsity", base, self._arch(None), log, {"method": method, **info})
@@ -473,6 +478,9 @@ class Pipeline:
             if graph is None:  # sparsity stage was loaded from disk: trace the loaded model
                 graph = build_graph(sparse, size)
                 units = discover_units(sparse, graph, pr["prune_coupled"])
+                state_file = sparse_dir / "method_state.safetensors"
+                if baseline_method is not None and state_file.is_file():
+                    baseline_method.load_trained_state(sparse, units, load_state_dict(state_file), str(state_file))
             target = pr.get("target_flops_ratio")
             parts = {u.name: u.part for u in units}
             flops0 = count_flops(sparse, size)["flops"]  # before prune_channels, which works in place

@@ -17,7 +17,7 @@ from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_ten
                      module_tensors, optimizer_tensors)
 
 __all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "seg_loss",
-           "train_segmentation", "train_classification", "iters_per_epoch"]
+           "train_segmentation", "train_classification", "iters_per_epoch", "train_loop", "LoopState"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,15 +61,38 @@ def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
                                  f"lower the learning rate (the last good checkpoint is kept)")
 
 
-def _train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: StageLog, lr_at: Callable[[int, int], float],
-                step: Callable[[torch.Tensor, torch.Tensor, torch.optim.Optimizer, int], dict],
-                epoch_msg: Callable[[dict, int, float], str], ckpt: StageCheckpoint | None) -> dict:
+class LoopState:
+    """Method state a training loop must checkpoint besides weights, optimizer and data order
+    (e.g. CAP's importance averages, SIRFP's redundancy EMAs, ACoSP's mask logits).
+
+    Subclasses return tensors only (scalars as 0-d tensors); keys need not be prefixed.
+    """
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Restore from :meth:`state_tensors` output. Raises CheckpointError (naming ``source``) on a mismatch."""
+        raise NotImplementedError
+
+
+def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: StageLog, lr_at: Callable[[int, int], float],
+               step: Callable[[torch.Tensor, torch.Tensor, torch.optim.Optimizer, int], dict],
+               epoch_msg: Callable[[dict, int, float], str], ckpt: StageCheckpoint | None,
+               opt: torch.optim.Optimizer | None = None, extra: LoopState | None = None) -> dict:
     """Shared epoch loop of the training functions: LR schedule, periodic in-stage checkpoints
-    (``engine.resume``) and resume. ``step`` returns the batch's running sums (e.g. loss)."""
+    (``engine.resume``) and resume.
+
+    ``step(x, y, opt, it)`` runs one iteration and returns the batch's running sums (e.g. loss);
+    ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr, momentum, weight_decay); ``extra``
+    is saved with every in-stage checkpoint and restored on resume. Returns the last epoch's means
+    of the sums and ``iters``.
+    """
     n_it = iters_per_epoch(loader, cfg.get("max_iters_per_epoch"))
     epochs = int(cfg["epochs"])
     total = n_it * epochs
-    opt = make_sgd(params, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+    if opt is None:
+        opt = make_sgd(params, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     net.train()
     cursor = LoaderCursor(loader)
     it, start_epoch, skip, sums, lr = 0, 0, 0, {}, float(cfg["lr"])
@@ -80,6 +103,8 @@ def _train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stag
         load_optimizer_tensors("opt", opt, tensors, str(ckpt.path))
         it, start_epoch, skip, sums = int(meta["it"]), int(meta["epoch"]), int(meta["batch"]), dict(meta["sums"])
         cursor.restore(tensors["loader.gen"])
+        if extra is not None:
+            extra.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}, str(ckpt.path))
         torch.set_rng_state(tensors["rng.torch"])  # dropout draws from the global generator
         log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
     out: dict = {}
@@ -97,8 +122,9 @@ def _train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stag
             it += 1
             bar.update(1)
             if ckpt is not None and ckpt.due(it):
+                more = {} if extra is None else {f"extra.{k}": v for k, v in extra.state_tensors().items()}
                 ckpt.save({**module_tensors("model", net), **optimizer_tensors("opt", opt), "loader.gen": cursor.epoch_state,
-                           "rng.torch": torch.get_rng_state()},
+                           "rng.torch": torch.get_rng_state(), **more},
                           {"it": it, "epoch": epoch, "batch": i + 1, "sums": sums})
             fault_point(log.stage, it)
         bar.close()
@@ -132,12 +158,13 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
 
 def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_index: int, log: StageLog,
                        step_hook: Callable[[int], None] | None = None, post_step: Callable[[float], None] | None = None,
-                       ckpt: StageCheckpoint | None = None) -> dict:
+                       ckpt: StageCheckpoint | None = None, extra: LoopState | None = None) -> dict:
     """Train ``model`` (images (N,3,H,W) -> logits (N,K,H,W)) with cross-entropy, ignore index excluded.
 
     ``cfg`` keys: epochs, lr, momentum, weight_decay, power, max_iters_per_epoch. ``post_step(lr)``
     runs after each optimiser step (e.g. a proximal ℓ1 step). ``ckpt``: periodic in-stage
-    checkpoint, restored if present (``engine.resume``). Returns {"loss": last epoch mean, "iters"}.
+    checkpoint, restored if present (``engine.resume``); ``extra``: the method's state saved with
+    it (:class:`LoopState`). Returns {"loss": last epoch mean, "iters"}.
 
     Raises:
         NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
@@ -154,9 +181,10 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
             post_step(opt.param_groups[0]["lr"])
         return {"loss": loss.item()}
 
-    st = _train_loop(model, model.parameters(), loader, cfg, log,
-                     lambda it, total: poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9)), step,
-                     lambda m, e, lr: f"epoch {e + 1}: seg loss {m.get('loss', float('nan')):.4f} lr {lr:.5f}", ckpt)
+    st = train_loop(model, model.parameters(), loader, cfg, log,
+                    lambda it, total: poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9)), step,
+                    lambda m, e, lr: f"epoch {e + 1}: seg loss {m.get('loss', float('nan')):.4f} lr {lr:.5f}", ckpt,
+                    extra=extra)
     return {"loss": st.get("loss", float("nan")), "iters": st["iters"]}
 
 
@@ -184,9 +212,9 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
         opt.step()
         return {"loss": loss.item(), "correct": float((logits.argmax(1) == y).sum()), "seen": float(y.numel())}
 
-    st = _train_loop(net, net.parameters(), loader, cfg, log,
-                     lambda it, total: linear_lr(cfg["lr"], it, total) if linear else cfg["lr"], step,
-                     lambda m, e, lr: f"epoch {e + 1}: cls loss {m.get('loss', float('nan')):.4f} train top-1 "
-                                      f"{m.get('correct', 0.0) / max(1e-12, m.get('seen', 0.0)):.3f}", ckpt)
+    st = train_loop(net, net.parameters(), loader, cfg, log,
+                    lambda it, total: linear_lr(cfg["lr"], it, total) if linear else cfg["lr"], step,
+                    lambda m, e, lr: f"epoch {e + 1}: cls loss {m.get('loss', float('nan')):.4f} train top-1 "
+                                     f"{m.get('correct', 0.0) / max(1e-12, m.get('seen', 0.0)):.3f}", ckpt)
     acc = st["correct"] / st["seen"] if st.get("seen") else float("nan")
     return {"loss": st.get("loss", float("nan")), "acc": acc, "iters": st["iters"]}

@@ -38,7 +38,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..engine.train import check_finite, iters_per_epoch, poly_lr, seg_loss
+from ..checkpoint import CheckpointError
+from ..engine.train import LoopState, check_finite, iters_per_epoch, poly_lr, seg_loss, train_loop
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import check_keep_ratio
 from .base import PruningMethod, register_method
@@ -96,7 +97,7 @@ def hard_topk_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-class UnitMasks(nn.Module):
+class UnitMasks(nn.Module, LoopState):
     """Learnable channel masks of the prunable units, applied through forward hooks on their BatchNorms.
 
     Args:
@@ -129,6 +130,24 @@ class UnitMasks(nn.Module):
         def hook(module, inputs, output):
             return output * self.mask(i).to(output.dtype).view(1, -1, 1, 1)
         return hook
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The logits (unit name -> (C,)), for in-stage checkpoints (``engine.resume``)."""
+        return {n: w.detach() for n, w in zip(self.names, self.logits)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Restore :meth:`state_tensors` in place (the optimizer keeps pointing at the same parameters).
+
+        Raises:
+            CheckpointError: a unit missing or of another width (names ``source``).
+        """
+        with torch.no_grad():
+            for n, w in zip(self.names, self.logits):
+                t = tensors.get(n)
+                if t is None or t.shape != w.shape:
+                    raise CheckpointError(f"{source}: ACoSP logits of unit {n} "
+                                          + ("missing" if t is None else f"have shape {tuple(t.shape)}, expected {tuple(w.shape)}"))
+                w.copy_(t)
 
     def hard_masks(self) -> dict[str, torch.Tensor]:
         """Unit name -> hard 0/1 mask (C,)."""
@@ -215,13 +234,16 @@ class ACoSP(PruningMethod):
         p = self.keep_ratio if keep_ratio is None else keep_ratio
         return {u.name: acosp_k(u.channels, p, self.min_keep) for u in units}
 
-    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log) -> dict:
+    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
+              ckpt=None) -> dict:
         """Train network and unit logits under the annealed masks; fold the hard masks into the BNs.
 
         Args:
             model: segmentation network, images (N, 3, H, W) -> logits (N, K, H, W); changed in place.
             units: prunable units (each gets one logit vector (C,)).
             seg_loader: (images, labels (N, H, W)) batches. ``cls_loader`` is unused.
+            ckpt: optional ``engine.resume.StageCheckpoint``; the logits are saved with it (temperature
+                and hardness follow from the iteration count, so a resumed stage continues exactly).
 
         Returns:
             {"loss": mean loss of the last epoch, "iters", "tau": last soft temperature, "hard_from_iter",
@@ -240,57 +262,71 @@ class ACoSP(PruningMethod):
         total = n_it * epochs
         end_epoch = float(self.options["end_epoch_frac"]) * epochs
         ts, te = float(self.options["tau_start"]), float(self.options["tau_end"])
+        # the mask is hard from the first iteration whose fractional epoch it / n_it reaches end_epoch
+        hard_from = next((i for i in range(total) if i / max(1, n_it) >= end_epoch), None)
         opt = torch.optim.SGD([
             {"params": [p for p in model.parameters() if p.requires_grad],
              "weight_decay": float(c.get("weight_decay", 1e-4))},
             {"params": list(masks.logits), "weight_decay": 0.0, "lr_scale": lr_logits / lr0},
         ], lr=lr0, momentum=float(c.get("momentum", 0.9)))
-        model.train()
-        it, mean, hard_from, lr = 0, float("nan"), None, lr0
+        soft_steps = []  # iterations run soft in this process (none when resumed after hard_from)
+
+        def step(x, y, opt, it):
+            if hard_from is not None and it >= hard_from:
+                masks.hard = True
+            else:
+                masks.tau = acosp_temperature(it / max(1, n_it), end_epoch, ts, te)
+                soft_steps.append(it)
+            loss = seg_loss(model, x, y, ignore_index)  # + auxiliary heads (PSPNet, BiSeNet)
+            check_finite(loss, log.stage, it)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": loss.item()}
+
+        tcfg = {"epochs": epochs, "lr": lr0, "max_iters_per_epoch": c.get("max_iters_per_epoch")}
         try:
-            for epoch in range(epochs):
-                if hasattr(seg_loader.dataset, "set_epoch"):
-                    seg_loader.dataset.set_epoch(epoch)
-                run = 0.0
-                bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{epochs}")
-                for i, (x, y) in enumerate(seg_loader):
-                    if i >= n_it:
-                        break
-                    e = it / max(1, n_it)                    # fractional epoch at this iteration
-                    if e >= end_epoch:
-                        if not masks.hard:
-                            masks.hard, hard_from = True, it
-                    else:
-                        masks.tau = acosp_temperature(e, end_epoch, ts, te)
-                    lr = poly_lr(lr0, it, total, 0.9)
-                    for g in opt.param_groups:
-                        g["lr"] = lr * g.get("lr_scale", 1.0)
-                    loss = seg_loss(model, x, y, ignore_index)  # + auxiliary heads (PSPNet, BiSeNet)
-                    check_finite(loss, log.stage, it)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    run += loss.item()
-                    it += 1
-                    bar.update(1)
-                bar.close()
-                mean = run / max(1, n_it)
-                log.write(f"epoch {epoch + 1}: seg loss {mean:.4f} lr {lr:.5f} "
-                          + ("mask hard" if masks.hard else f"tau {masks.tau:.4g}"))
+            st = train_loop(model, None, seg_loader, tcfg, log, lambda it, tot: poly_lr(lr0, it, tot, 0.9), step,
+                            lambda m, e, lr: f"epoch {e + 1}: seg loss {m.get('loss', float('nan')):.4f} lr {lr:.5f} "
+                                             + ("mask hard" if masks.hard else f"tau {masks.tau:.4g}"),
+                            ckpt, opt=opt, extra=masks)
         finally:
             masks.remove()
+        if not soft_steps and hard_from:  # resumed in the hard phase: report the last soft temperature
+            masks.tau = acosp_temperature((hard_from - 1) / max(1, n_it), end_epoch, ts, te)
         hard = masks.hard_masks()
         fold_masks_(model, units, hard)
         self.logits = {n: w.detach().clone() for n, w in zip(masks.names, masks.logits)}
         kept = sum(int(m.sum()) for m in hard.values())
         chans = sum(u.channels for u in units)
+        hard_at = hard_from if hard_from is not None else total
         log.write(f"acosp: keep ratio {self.keep_ratio:g} (min_keep {self.min_keep}), {kept}/{chans} channels kept; "
-                  f"mask hard from iteration {hard_from if hard_from is not None else total} of {total}")
-        return {"loss": mean, "iters": it, "tau": masks.tau, "hard_from_iter": hard_from if hard_from is not None else total,
+                  f"mask hard from iteration {hard_at} of {total}")
+        return {"loss": st.get("loss", float("nan")), "iters": st["iters"], "tau": masks.tau, "hard_from_iter": hard_at,
                 "kept": kept, "channels": chans}
 
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The learned logits (unit name -> (C,)) after :meth:`train` ({} before)."""
+        return dict(self.logits or {})
+
+    def load_trained_state(self, model: nn.Module, units: list[PruneUnit], tensors: dict[str, torch.Tensor],
+                           source: str) -> None:
+        """Use stored logits for scoring.
+
+        Raises:
+            CheckpointError: a unit missing or of another width (names ``source``).
+        """
+        if not tensors:
+            return
+        for u in units:
+            t = tensors.get(u.name)
+            if t is None or t.numel() != u.channels:
+                raise CheckpointError(f"{source}: ACoSP logits of unit {u.name} "
+                                      + ("missing" if t is None else f"have {t.numel()} values, the unit has {u.channels} channels"))
+        self.logits = {u.name: tensors[u.name].clone() for u in units}
+
     def scores(self, model: nn.Module, units: list[PruneUnit], calib_loader=None) -> dict[str, torch.Tensor]:
-        """Unit name -> score (C,): the learned logits after :meth:`train`.
+        """Unit name -> score (C,): the learned logits after :meth:`train` (or :meth:`load_trained_state`).
 
         Without them (a fresh instance, e.g. a pipeline resumed after its sparsity stage), the score
         is read from the folded model: ``1 + |γ|/(1 + max|γ|)`` (mean over the unit's BNs) for a

@@ -86,6 +86,21 @@ class PruningMethod:
         """Unit name -> importance (C,) float tensor, larger = more important."""
         raise NotImplementedError
 
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What :meth:`train` learned besides the model weights and :meth:`scores` needs (SIRFP's
+        redundancy EMAs, ACoSP's logits), as tensors; the pipeline stores it with the sparsity
+        stage so a run resumed after that stage scores exactly as an uninterrupted one. Default: {}."""
+        return {}
+
+    def load_trained_state(self, model: nn.Module, units: list[PruneUnit], tensors: dict[str, torch.Tensor],
+                           source: str) -> None:
+        """Restore :meth:`trained_state` for ``model`` (the trained model loaded from disk).
+
+        Raises:
+            CheckpointError: the tensors do not fit ``units`` (names ``source``).
+        """
+        return None
+
     def after_prune(self, model: nn.Module, log=None) -> None:
         """Optional change to the physically pruned ``model`` before fine-tuning (default: nothing)."""
         return None

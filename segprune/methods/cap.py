@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.train import train_segmentation
+from ..checkpoint import CheckpointError
+from ..engine.train import LoopState, train_segmentation
 from ..pruning.groups import PruneUnit
 from .base import register_method
 from .slimming import Slimming
@@ -82,7 +83,7 @@ def guidance_from_importance(r: torch.Tensor, guide_max: float = 4.0) -> torch.T
     return (1.0 / r.clamp_min(1e-12)).clamp(max=float(guide_max))
 
 
-class ContextGuide:
+class ContextGuide(LoopState):
     """Context-aware guiding modules on a set of BatchNorm layers (forward hooks, no effect on outputs).
 
     Each hook computes, under ``torch.no_grad``, the importance ``r_t`` (C,) of its BN's output
@@ -103,6 +104,7 @@ class ContextGuide:
         self.running: dict[str, torch.Tensor] = {}
         self._batch: dict[str, list[torch.Tensor]] = {}
         self._handles = []
+        self._names = list(bn_names)
         for name in bn_names:
             self._handles.append(mods[name].register_forward_hook(self._hook(name)))
 
@@ -125,6 +127,18 @@ class ContextGuide:
         """g (C,) of BN ``name`` from its running importance, or None before its first step."""
         r = self.running.get(name)
         return None if r is None else guidance_from_importance(r, self.guide_max)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The running importances (BN name -> (C,)), for in-stage checkpoints (``engine.resume``)."""
+        return dict(self.running)
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Restore :meth:`state_tensors`. Raises CheckpointError (naming ``source``) for an unknown BN."""
+        hooked = set(self._names)
+        for name in tensors:
+            if name not in hooked:
+                raise CheckpointError(f"{source}: CAP importance for {name!r}, which has no guiding module here")
+        self.running = {k: v.clone() for k, v in tensors.items()}
 
     def remove(self) -> None:
         """Remove the hooks (the running averages stay readable)."""
@@ -220,13 +234,15 @@ class CAP(Slimming):
 
         return step_hook, post_step
 
-    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log) -> dict:
+    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
+              ckpt=None) -> dict:
         """Segmentation training with the context-guided ℓ1 term on the units' γ, in place.
 
         Args:
             model: segmentation network, images (N, 3, H, W) -> logits (N, K, H, W).
             units: prunable units; the γ of all their BatchNorms are penalised.
             seg_loader: (images, labels (N, H, W)) batches. ``cls_loader`` is unused.
+            ckpt: optional ``engine.resume.StageCheckpoint``; the importance averages are saved with it.
 
         Returns:
             the statistics of ``train_segmentation`` plus ``gamma_zero`` (fraction of penalised γ
@@ -243,7 +259,8 @@ class CAP(Slimming):
             tcfg = {"epochs": int(c.get("epochs", 1)), "lr": float(c["lr_seg"]), "momentum": float(c.get("momentum", 0.9)),
                     "weight_decay": float(c.get("weight_decay", 1e-4)), "power": 0.9,
                     "max_iters_per_epoch": c.get("max_iters_per_epoch")}
-            st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, step_hook=step_hook, post_step=post_step)
+            st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, step_hook=step_hook, post_step=post_step,
+                                    ckpt=ckpt, extra=guide)
         finally:
             guide.remove()
         gammas = [g for g, _ in self.gamma_guidance(model, units, guide)]

@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.train import train_segmentation
+from ..checkpoint import CheckpointError
+from ..engine.train import LoopState, train_segmentation
 from ..pruning.groups import PruneUnit
 from .base import PruningMethod, register_method
 
@@ -156,7 +157,7 @@ class EMA:
         return self._s / (1.0 - self.decay ** self.t)
 
 
-class RedundancyTracker:
+class RedundancyTracker(LoopState):
     """Forward hooks on the BatchNorms of ``units`` that EMA-track R (and optionally the edge term).
 
     Use as a context manager (hooks are removed on exit, also on errors)::
@@ -206,6 +207,38 @@ class RedundancyTracker:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every EMA's running sum and update count, for in-stage checkpoints (``engine.resume``)."""
+        out = {}
+        for kind, emas in (("red", self.red), ("edge", self.edge)):
+            for b, e in emas.items():
+                out[f"{kind}.{b}.t"] = torch.tensor(e.t, dtype=torch.int64)
+                if e._s is not None:
+                    out[f"{kind}.{b}.s"] = e._s
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Restore :meth:`state_tensors`.
+
+        Raises:
+            CheckpointError: a BatchNorm missing from either side, or a matrix of another size (names ``source``).
+        """
+        for kind, emas in (("red", self.red), ("edge", self.edge)):
+            for b, e in emas.items():
+                key = f"{kind}.{b}"
+                if f"{key}.t" not in tensors:
+                    raise CheckpointError(f"{source}: no SIRFP statistics for {b} ({kind}); another model or options?")
+                t, s = int(tensors[f"{key}.t"]), tensors.get(f"{key}.s")
+                c = self.bns[b].num_features if hasattr(self.bns[b], "num_features") else None
+                if s is not None and c is not None and s.shape[0] != c:
+                    raise CheckpointError(f"{source}: SIRFP statistics of {b} have {s.shape[0]} channels, "
+                                          f"the model has {c}")
+                e.t, e._s = t, (None if s is None else s.clone())
+        known = {f"{k}.{b}" for k, emas in (("red", self.red), ("edge", self.edge)) for b in emas}
+        extra = sorted({k.rsplit(".", 1)[0] for k in tensors} - known)
+        if extra:
+            raise CheckpointError(f"{source}: SIRFP statistics for unknown BatchNorms {extra[:5]}")
 
     @property
     def updates(self) -> int:
@@ -363,10 +396,12 @@ class SIRFP(PruningMethod):
         return RedundancyTracker(model, units, o["ema"], ("backbone",) if o["edge_weight"] > 0 else (),
                                  o["scale_by_hw"])
 
-    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log) -> dict:
+    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
+              ckpt=None) -> dict:
         """Fine-tune ``model`` on segmentation for ``epochs`` while EMA-tracking R (in place).
 
-        ``cls_loader`` is unused. With ``epochs == 0`` nothing is trained or tracked here (R is
+        ``cls_loader`` is unused; ``ckpt`` (an ``engine.resume.StageCheckpoint``) saves the EMAs
+        with the weights, so a resumed stage continues them. With ``epochs == 0`` nothing is trained or tracked here (R is
         then accumulated by :meth:`scores` on the calibration loader). Returns the statistics of
         ``train_segmentation`` plus ``sirfp_updates`` (EMA updates per BatchNorm).
         """
@@ -381,7 +416,7 @@ class SIRFP(PruningMethod):
                 "weight_decay": float(c.get("weight_decay", 1e-4)), "power": 0.9,
                 "max_iters_per_epoch": c.get("max_iters_per_epoch")}
         with self._tracker(model, units) as tr:
-            st = train_segmentation(model, seg_loader, tcfg, ignore_index, log)
+            st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, ckpt=ckpt, extra=tr)
         if tr.updates == 0:
             log.write("sirfp: no training iteration ran; R will be accumulated on the calibration loader")
             return {**st, "sirfp_updates": 0}
@@ -389,6 +424,35 @@ class SIRFP(PruningMethod):
         log.write(f"sirfp: redundancy EMA (r={self.options['ema']:g}) over {tr.updates} iterations, "
                   f"edge weight {self.options['edge_weight']:g}")
         return {**st, "sirfp_updates": tr.updates}
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """``{<unit>.R: (C, C), <unit>.E: (C,)}`` accumulated by :meth:`train` ({} if it did not run)."""
+        if self._stats is None:
+            return {}
+        out = {}
+        for name, (r, e) in self._stats[1].items():
+            out[f"{name}.R"] = r
+            if e is not None:
+                out[f"{name}.E"] = e
+        return out
+
+    def load_trained_state(self, model: nn.Module, units: list[PruneUnit], tensors: dict[str, torch.Tensor],
+                           source: str) -> None:
+        """Use the stored R (and E) for ``model`` instead of recalibrating.
+
+        Raises:
+            CheckpointError: a unit missing or of another width (names ``source``).
+        """
+        if not tensors:
+            return
+        stats = {}
+        for u in units:
+            r = tensors.get(f"{u.name}.R")
+            if r is None or tuple(r.shape) != (u.channels, u.channels):
+                raise CheckpointError(f"{source}: SIRFP redundancy of unit {u.name} "
+                                      + ("missing" if r is None else f"is {tuple(r.shape)}, the unit has {u.channels} channels"))
+            stats[u.name] = (r, tensors.get(f"{u.name}.E"))
+        self._stats = (weakref.ref(model), stats)
 
     def calibrate(self, model: nn.Module, units: list[PruneUnit], calib_loader) -> dict:
         """Unit name -> (R, E) accumulated in eval mode, without gradients, over ``calib_batches``
