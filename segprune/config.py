@@ -260,6 +260,27 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
             need(_num(d[key], int) and d[key] >= (2 if key == "batch_size" else 1), f"data.{sec}.{key}",
                  "must be an integer >= 2 for training (BatchNorm), >= 1 for evaluation")
         need(_num(d["num_workers"], int) and d["num_workers"] >= 0, f"data.{sec}.num_workers", "must be >= 0")
+    from .models import list_models  # the model registry (segprune/models/)
+    need(m["name"] in list_models(), "model.name", "must be a registered model: " + ", ".join(list_models()))
+    ints = lambda v, n=None: isinstance(v, list) and len(v) > 0 and (n is None or len(v) == n) and all(  # noqa: E731
+        _num(x, int) and x > 0 for x in v)
+    need(m["multi_grid"] is None or ints(m["multi_grid"], 3), "model.multi_grid",
+         "must be null or three positive integers, e.g. [1, 2, 4] (DeepLabv3 Sec. 3.2)")
+    need(m["aspp_rates"] is None or ints(m["aspp_rates"]), "model.aspp_rates",
+         "must be null or a list of positive integers, e.g. [6, 12, 18]")
+    for sec in ("seg", "cls"):
+        d = cfg["data"][sec]
+        need(isinstance(d["validate"], bool), f"data.{sec}.validate", "must be true or false")
+        for key in ("train_split", "eval_split"):
+            need(isinstance(d[key], str) and d[key] != "", f"data.{sec}.{key}", "must be a non-empty split name")
+        for key in ("num_train", "num_eval", "num_kinds"):
+            need(_num(d[key], int) and d[key] >= 1, f"data.{sec}.{key}", "must be a positive integer (synthetic data)")
+        need(d["root"] is None or (isinstance(d["root"], str) and d["root"] != ""), f"data.{sec}.root",
+             "must be null or a folder path")
+    need(isinstance(cfg["data"]["seg"]["hflip"], bool), "data.seg.hflip", "must be true or false")
+    ign = cfg["data"]["seg"]["ignore_index"]
+    need(_num(ign, int) and 0 <= ign <= 65535, "data.seg.ignore_index",
+         "must be an integer in [0, 65535] (the label value excluded from loss and mIoU, usually 255)")
     seg = cfg["data"]["seg"]
     from .data import SEG_DATASET_NAMES  # the registry of segmentation datasets (segprune/data/)
     need(seg["name"] in SEG_DATASET_NAMES, "data.seg.name", "must be one of: " + ", ".join(SEG_DATASET_NAMES))
@@ -288,6 +309,8 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     for key in ("calib_batches", "samples_per_batch"):
         need(_num(me[key], int) and me[key] > 0, f"method.{key}", "must be a positive integer")
     need(_num(me["epochs"], int) and me["epochs"] >= 0, "method.epochs", "must be an integer >= 0")
+    need(me["max_iters_per_epoch"] is None or (_num(me["max_iters_per_epoch"], int) and me["max_iters_per_epoch"] > 0),
+         "method.max_iters_per_epoch", "must be null or > 0")
     for key in ("lr_seg", "lr_cls", "lam", "mu0"):
         need(_num(me[key]) and me[key] > 0, f"method.{key}", "must be > 0")
     for key in ("alpha1", "alpha2", "weight_decay"):
@@ -317,6 +340,10 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     ev = cfg["eval"]
     need(_num(ev["latency_runs"], int) and ev["latency_runs"] >= 1, "eval.latency_runs", "must be >= 1")
     need(_num(ev["latency_warmup"], int) and ev["latency_warmup"] >= 0, "eval.latency_warmup", "must be >= 0")
+    need(ev["threads"] is None or (_num(ev["threads"], int) and ev["threads"] > 0), "eval.threads",
+         "must be null (all cores) or a positive integer")
+    need(ev["split"] is None or (isinstance(ev["split"], str) and ev["split"] != ""), "eval.split",
+         "must be null (= data.seg.eval_split) or a split name")
     sc = ev["scales"]
     need(isinstance(sc, list) and len(sc) > 0 and all(_num(x) and 0 < x < float("inf") for x in sc), "eval.scales",
          "must be a non-empty list of positive numbers, e.g. [1.0] or [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")

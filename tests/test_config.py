@@ -68,3 +68,33 @@ def test_missing_config_file_and_bad_set_exit_2(tmp_path, capsys):
     assert main(["run", str(p), "--out", str(tmp_path / "o"), "--set", "prune.keep_ratio"]) == 2
     assert "expected key=value" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_keys_that_were_not_checked_before_are_all_reported_at_once(tmp_path):
+    """Keys that used to pass unchecked (and failed late, e.g. eval.threads after all training)."""
+    text = yaml.safe_dump({
+        "model": {"name": "deeplabv3_resnet152", "multi_grid": [1, 2], "aspp_rates": [6, 0]},
+        "data": {"seg": {"ignore_index": "x", "hflip": "yes", "num_train": 0, "validate": 1, "eval_split": ""},
+                 "cls": {"validate": "no", "num_kinds": -1}},
+        "method": {"max_iters_per_epoch": 0},
+        "eval": {"threads": -3, "split": 7},
+    })
+    with pytest.raises(ConfigError) as e:
+        load_config(_yaml(tmp_path, text))
+    msg = str(e.value)
+    for needle in ("model.name='deeplabv3_resnet152': must be a registered model", "deeplabv3_resnet101",
+                   "model.multi_grid=[1, 2]", "model.aspp_rates=[6, 0]", "data.seg.ignore_index='x'",
+                   "data.seg.hflip='yes'", "data.seg.num_train=0", "data.seg.validate=1", "data.seg.eval_split=''",
+                   "data.cls.validate='no'", "data.cls.num_kinds=-1", "method.max_iters_per_epoch=0",
+                   "eval.threads=-3", "eval.split=7"):
+        assert needle in msg, needle
+    assert len(msg.strip().splitlines()) == 1 + 13  # the header line + one line per bad key (13)
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted((root / "configs").glob("*.yaml"))
+    assert paths
+    for p in paths:
+        load_config(p)  # raises ConfigError on any bad key

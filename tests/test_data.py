@@ -456,3 +456,30 @@ def test_cls_full_scan_stops_the_run_before_anything_is_written(tmp_path, capsys
     assert main(["run", str(p), "--out", str(out), "--quiet"]) == 2
     assert "ant_0.png" in capsys.readouterr().err
     assert not (out / "stages").exists()
+
+
+def test_unreadable_folders_and_list_files_are_data_errors(tmp_path, monkeypatch):
+    """Permission denied (simulated: the tests run as root, where chmod 000 does not block) on a
+    split list, a class folder or a dataset folder: a DataError naming the path, not a traceback."""
+    import os
+
+    cam = make_camvid(tmp_path / "cam", n=2)
+    folder = make_imagefolder(tmp_path / "img")
+    real_read, real_scandir = Path.read_text, os.scandir
+
+    def deny_read(self, *a, **k):
+        if self.name == "train.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *a, **k)
+
+    def deny_scandir(path="."):
+        if Path(path).parent.name == "train":  # a class folder of the image-folder split
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(Path, "read_text", deny_read)
+    _expect_data_error(lambda: CamVid(cam, "train", None), "cannot read CamVid split list", "train.txt",
+                       "PermissionError")
+    monkeypatch.setattr(os, "scandir", deny_scandir)
+    _expect_data_error(lambda: ImageFolderDataset(folder, "train", None), "cannot list class folder",
+                       str(folder / "train"), "PermissionError")

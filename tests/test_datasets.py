@@ -235,7 +235,7 @@ def test_cityscapes_bad_inputs(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr("segprune.data.paired.os.scandir", deny)
+    monkeypatch.setattr("segprune.data.base.os.scandir", deny)
     _err(lambda: Cityscapes(root, "train", None), "bochum", "PermissionError")
     monkeypatch.undo()
     for f in (root / "leftImg8bit" / "train").rglob("*.png"):

@@ -154,3 +154,19 @@ def test_prune_after_a_restart_uses_what_training_learned(name, tmp_path):
     wa = load_state_dict(straight / "stages/04_prune/model.safetensors")
     wb = load_state_dict(split / "stages/04_prune/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same channels, not only as many
+
+
+@pytest.mark.parametrize("header,needle", [
+    ('{"it": 4, "epoch": 1', "damaged in-stage checkpoint header"),
+    ('[1, 2]', "header is list, not an object"),
+    ('{"it": 4}', "lacks epoch, batch, sums"),
+])
+def test_damaged_partial_checkpoint_header_is_refused_by_name(tmp_path, monkeypatch, header, needle):
+    """A partial.safetensors whose JSON header is cut, of the wrong type or missing keys: a
+    CheckpointError naming the file (before: a JSONDecodeError or KeyError traceback)."""
+    from segprune.checkpoint import save_state_dict
+    part = tmp_path / "partial.safetensors"
+    save_state_dict(part, {"loader.gen": torch.zeros(3, dtype=torch.uint8)}, {"segprune_partial": header})
+    with pytest.raises(CheckpointError, match=needle) as e:
+        _train("slimming", part, monkeypatch)
+    assert str(part) in str(e.value)

@@ -2,6 +2,7 @@
 segmentation datasets made of (image file, label file) pairs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,41 @@ from .errors import DataError
 __all__ = ["SegPairs", "load_rgb", "load_label"]
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def scan_dir(folder: Path, what: str) -> list[os.DirEntry]:
+    """Entries of ``folder`` sorted by name.
+
+    Args:
+        folder: the folder to list.
+        what: a few words naming the folder's role, used in error messages (e.g.
+            ``"Cityscapes image split"``).
+
+    Raises:
+        DataError: ``folder`` does not exist, is not a folder or cannot be listed
+            (permissions, I/O error); the message names the folder.
+    """
+    if not folder.exists():
+        raise DataError(f"{what} folder does not exist: {folder}")
+    if not folder.is_dir():
+        raise DataError(f"{what} path is not a folder: {folder}")
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"cannot list {what} folder {folder}: {type(e).__name__}: {e}") from e
+
+
+def read_list_file(path: Path, what: str) -> list[str]:
+    """Lines of a split list file (e.g. CamVid ``train.txt``, VOC ``ImageSets/.../val.txt``).
+
+    Raises:
+        DataError: the file cannot be read (permission, I/O) or is not text; names the file.
+    """
+    try:
+        return Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .base import SegPairs, load_label, load_rgb
+from .base import SegPairs, load_label, load_rgb, read_list_file
 from .errors import DataError
 from .transforms import SegEvalTransform
 
@@ -82,7 +82,7 @@ class CamVid(SegPairs):
         if not list_file.is_file():
             raise DataError(f"CamVid split list not found: {list_file} (split={self.split!r})")
         pairs: list[tuple[Path, Path]] = []
-        for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(read_list_file(list_file, "CamVid split list"), start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

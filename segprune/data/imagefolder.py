@@ -10,7 +10,6 @@ which is what ``torchvision.datasets.ImageFolder`` assigns.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import load_rgb
+from .base import load_rgb, scan_dir
 from .errors import DataError
 from .transforms import ClsEvalTransform
 
@@ -37,7 +36,7 @@ def list_class_dirs(split_dir: str | Path) -> list[str]:
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DataError(f"image folder split does not exist: {split_dir}")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    classes = sorted(e.name for e in scan_dir(split_dir, "image folder split") if e.is_dir())
     if not classes:
         raise DataError(f"image folder split has no class folders: {split_dir}")
     return classes
@@ -96,7 +95,7 @@ class ImageFolderDataset(Dataset):
             cdir = split_dir / c
             files = sorted(
                 cdir / e.name
-                for e in os.scandir(cdir)
+                for e in scan_dir(cdir, "class")
                 if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
             )
             if not files:

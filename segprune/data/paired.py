@@ -10,41 +10,17 @@ makes (image decodes, label is single-channel, sizes agree, values are known), a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from .base import SegPairs
+from .base import SegPairs, scan_dir  # noqa: F401  (scan_dir: imported from here by voc, cityscapes, ade20k)
 from .errors import DataError
 from .transforms import SegEvalTransform
 
 __all__ = ["PairedSegDataset", "scan_dir", "voc_palette"]
-
-
-def scan_dir(folder: Path, what: str) -> list[os.DirEntry]:
-    """Entries of ``folder`` sorted by name.
-
-    Args:
-        folder: the folder to list.
-        what: a few words naming the folder's role, used in error messages (e.g.
-            ``"Cityscapes image split"``).
-
-    Raises:
-        DataError: ``folder`` does not exist, is not a folder or cannot be listed
-            (permissions, I/O error); the message names the folder.
-    """
-    if not folder.exists():
-        raise DataError(f"{what} folder does not exist: {folder}")
-    if not folder.is_dir():
-        raise DataError(f"{what} path is not a folder: {folder}")
-    try:
-        with os.scandir(folder) as it:
-            return sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        raise DataError(f"cannot list {what} folder {folder}: {type(e).__name__}: {e}") from e
 
 
 def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:

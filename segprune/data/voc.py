@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import read_list_file
 from .errors import DataError
 from .paired import PairedSegDataset, scan_dir, voc_palette
 
@@ -96,7 +97,7 @@ class VOCSegmentation(PairedSegDataset):
             )
         labels = {d: {e.name for e in scan_dir(self.root / d, "VOC label")} for d in label_dirs}
         pairs: list[tuple[Path, Path]] = []
-        for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(read_list_file(list_file, "VOC split list"), start=1):
             parts = line.split()
             if not parts or parts[0].startswith("#"):
                 continue

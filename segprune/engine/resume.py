@@ -156,18 +156,34 @@ class StageCheckpoint:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_state_dict(self.path, tensors, {"segprune_partial": json.dumps(meta)})
 
-    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+    def load(self, keys: tuple[str, ...] = (), tensor_keys: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict] | None:
         """(tensors, meta) of the last save, or None if there is none.
 
+        ``keys`` / ``tensor_keys``: header entries and tensors the caller needs; a file lacking one
+        is refused here, by name, instead of failing later with a ``KeyError``.
+
         Raises:
-            CheckpointError: the file exists but is unreadable or not a segprune partial checkpoint.
+            CheckpointError: the file exists but is unreadable, not a segprune partial checkpoint, has a
+                header that is not a JSON object, or lacks one of the required keys.
         """
         if self.path is None or not self.path.is_file():
             return None
-        meta = load_metadata(self.path).get("segprune_partial")
-        if meta is None:
+        raw = load_metadata(self.path).get("segprune_partial")
+        if raw is None:
             raise CheckpointError(f"{self.path}: not a segprune in-stage checkpoint (no 'segprune_partial' header)")
-        return load_state_dict(self.path), json.loads(meta)
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.path}: damaged in-stage checkpoint header ({exc}); delete the file to "
+                                  "restart this stage from its beginning") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{self.path}: in-stage checkpoint header is {type(meta).__name__}, not an object")
+        tensors = load_state_dict(self.path)
+        missing = [k for k in keys if k not in meta] + [k for k in tensor_keys if k not in tensors]
+        if missing:
+            raise CheckpointError(f"{self.path}: in-stage checkpoint lacks {', '.join(missing)} (written by another "
+                                  "stage or version?); delete the file to restart this stage from its beginning")
+        return tensors, meta
 
     def clear(self) -> None:
         if self.path is not None:

@@ -96,7 +96,7 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
     net.train()
     cursor = LoaderCursor(loader)
     it, start_epoch, skip, sums, lr = 0, 0, 0, {}, float(cfg["lr"])
-    saved = ckpt.load() if ckpt is not None else None
+    saved = ckpt.load(("it", "epoch", "batch", "sums"), ("loader.gen", "rng.torch")) if ckpt is not None else None
     if saved is not None:
         tensors, meta = saved
         load_module_tensors("model", net, tensors, str(ckpt.path))

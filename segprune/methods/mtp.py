@@ -266,7 +266,8 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
     cls_iter = ResumableCycle(cls_loader)
     seg = LoaderCursor(seg_loader)
     start_epoch, skip, lc, ls = 0, 0, 0.0, 0.0
-    saved = ckpt.load() if ckpt is not None else None
+    saved = ckpt.load(("mu", "steps", "epoch", "batch", "lc", "ls", "cls.epoch", "cls.batch"),
+                      ("seg.gen", "rng.torch", "cls.gen")) if ckpt is not None else None
     if saved is not None:
         t, meta = saved
         src = str(ckpt.path)
