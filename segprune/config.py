@@ -254,8 +254,14 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
         d = cfg["data"][sec]
         for key in ("input_size", "image_size") + (("crop_size",) if sec == "seg" else ()):
             v = d[key]
+            if sec == "seg" and key == "input_size" and v is None:
+                need(_num(d["eval_batch_size"], int) and d["eval_batch_size"] == 1, "data.seg.eval_batch_size",
+                     "must be 1 when data.seg.input_size is null (images are evaluated at their native sizes, "
+                     "which differ within a batch)")
+                continue
             need(isinstance(v, list) and len(v) == 2 and all(_num(x, int) and x > 0 for x in v),
-                 f"data.{sec}.{key}", "must be [H, W] with positive integers")
+                 f"data.{sec}.{key}", "must be [H, W] with positive integers"
+                 + (" or null (native image sizes; FLOPs and latency at crop_size)" if (sec, key) == ("seg", "input_size") else ""))
         for key in ("batch_size", "eval_batch_size"):
             need(_num(d[key], int) and d[key] >= (2 if key == "batch_size" else 1), f"data.{sec}.{key}",
                  "must be an integer >= 2 for training (BatchNorm), >= 1 for evaluation")

@@ -57,6 +57,14 @@ def _seed(seed: int) -> None:
 _DATA_IGNORED = ("validate", "num_workers", "eval_batch_size", "eval_split")
 
 
+def model_input_size(cfg: dict) -> tuple[int, int]:
+    """(H, W) at which the network is traced for pruning and its FLOPs and latency are measured:
+    ``data.seg.input_size``, or ``data.seg.crop_size`` when input_size is null (images kept at their
+    native sizes, e.g. PASCAL VOC; the MTP paper's Table 2 counts DeepLabv3 FLOPs at the 513x513 crop)."""
+    seg = cfg["data"]["seg"]
+    return tuple(int(v) for v in (seg["input_size"] or seg["crop_size"]))
+
+
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
     """``<run_dir>/stages/NN_<stage>``, NN the stage's 1-based position in :data:`STAGES`."""
     return Path(run_dir) / "stages" / f"{STAGES.index(stage) + 1:02d}_{stage}"
@@ -336,7 +344,7 @@ class Pipeline:
     def _arch(self, widths: dict | None) -> dict:
         return {"format": ARCH_FORMAT, "model": self.cfg["model"], "num_classes": self.num_classes,
                 "cls_classes": self.cls_classes, "widths": widths,
-                "input_size": list(self.cfg["data"]["seg"]["input_size"]), "segprune_version": __version__}
+                "input_size": list(model_input_size(self.cfg)), "segprune_version": __version__}
 
     def _loaders(self, baseline: bool = False):
         d = self.cfg["data"]
@@ -436,7 +444,7 @@ class Pipeline:
         baseline = copy.deepcopy(base)
 
         # 3. MTP sparsity training (Algorithm 1, lines 1-7)
-        size = tuple(cfg["data"]["seg"]["input_size"])
+        size = model_input_size(cfg)
         pr = cfg["prune"]
         sparse_dir = self._stage_dir("sparsity")
         sparse = self._load_or("sparsity")
@@ -587,13 +595,14 @@ class Pipeline:
     def evaluate(self, baseline: nn.Module, pruned: nn.Module, seg_eval, cls_eval) -> dict:
         log = self._log("evaluate")
         cfg = self.cfg
-        size = tuple(cfg["data"]["seg"]["input_size"])
+        size = model_input_size(cfg)
         ev = cfg["eval"]
         out = {"method": cfg["method"]["name"], "keep_ratio": cfg["prune"]["keep_ratio"],
                "threshold_mode": cfg["prune"]["threshold_mode"], "input_size": list(size),
                "eval_split": cfg["eval"]["split"] or cfg["data"]["seg"]["eval_split"],
                "num_classes": self.num_classes, "seed": cfg["seed"], "baseline_seed": self.bseed,
-               "dataset": cfg["data"]["seg"]["name"], "model": cfg["model"]["name"]}
+               "dataset": cfg["data"]["seg"]["name"], "model": cfg["model"]["name"],
+               "eval_native_size": cfg["data"]["seg"]["input_size"] is None}
         names = getattr(self.seg_eval, "CLASSES", None)
         for key, model in (("baseline", baseline), ("pruned", pruned)):
             m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names, protocol=ev)
@@ -652,8 +661,10 @@ def render_report(m: dict, cfg: dict) -> str:
         title = f"{m['method']} {m['keep_ratio']}x ({m['threshold_mode']})"
     lines = [f"# segprune report: {title}", "",
              f"Model `{cfg['model']['name']}` (width {cfg['model']['width']}, OS {cfg['model']['output_stride']}), "
-             f"data `{cfg['data']['seg']['name']}` split `{m['eval_split']}`, input {m['input_size'][0]}x{m['input_size'][1]}. "
-             f"{m['flops_note']}. Latency: CPU, batch 1, {b['latency']['warmup']} warm-up runs, median of "
+             f"data `{cfg['data']['seg']['name']}` split `{m['eval_split']}`, "
+             + (f"images at native size (params/FLOPs/latency at {m['input_size'][0]}x{m['input_size'][1]}). "
+                if m.get("eval_native_size") else f"input {m['input_size'][0]}x{m['input_size'][1]}. ")
+             + f"{m['flops_note']}. Latency: CPU, batch 1, {b['latency']['warmup']} warm-up runs, median of "
              f"{b['latency']['runs']}, {b['latency']['threads']} threads.", "",
              "| model | mIoU (%) | pixel acc (%) | params (M) | GFLOPs | GMACs | latency (ms) | cls top-1 (%) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -94,7 +94,47 @@ def test_keys_that_were_not_checked_before_are_all_reported_at_once(tmp_path):
 def test_every_shipped_config_is_valid():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    paths = sorted((root / "configs").glob("*.yaml"))
+    paths = sorted((root / "configs").rglob("*.yaml"))
     assert paths
     for p in paths:
         load_config(p)  # raises ConfigError on any bad key
+
+
+# MTP paper, Appendix 6.1: the settings each shipped paper config must carry
+_APPENDIX = {
+    "voc_deeplabv3_r101_mtp.yaml": {
+        "model.name": "deeplabv3_resnet101", "data.seg.name": "voc_sbd", "data.seg.crop_size": [513, 513],
+        "data.seg.scale_range": [0.5, 2.0], "data.seg.batch_size": 16, "train.seg.lr": 0.007, "train.seg.epochs": 50,
+        "method.alpha1": 1e-3, "method.alpha2": 1e-3, "data.cls.batch_size": 256, "method.lr_cls": 0.001,
+        "finetune.seg.lr": 0.0007, "finetune.cls.epochs": 20, "finetune.seg.epochs": 50},
+    "cityscapes_deeplabv3_r101_mtp.yaml": {
+        "model.name": "deeplabv3_resnet101", "data.seg.name": "cityscapes", "data.seg.crop_size": [512, 1024],
+        "data.seg.scale_range": [0.5, 2.0], "data.seg.batch_size": 32, "train.seg.lr": 0.01, "train.seg.epochs": 480,
+        "method.alpha1": 1e-3, "method.alpha2": 1e-3, "data.cls.batch_size": 256, "method.lr_cls": 0.001,
+        "finetune.seg.lr": 0.0005, "finetune.cls.epochs": 20, "finetune.seg.epochs": 240,
+        "eval.scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]},
+    "cityscapes_bisenet_r18_mtp.yaml": {
+        "model.name": "bisenet_resnet18", "data.seg.name": "cityscapes", "data.seg.crop_size": [768, 1536],
+        "data.seg.scale_range": [0.75, 2.0], "data.seg.batch_size": 32, "train.seg.lr": 0.01, "train.seg.epochs": 80,
+        "method.alpha1": 1e-4, "method.alpha2": 1e-4, "data.cls.batch_size": 512, "method.lr_cls": 0.001,
+        "finetune.seg.lr": 0.001, "finetune.cls.epochs": 50, "finetune.seg.epochs": 80, "eval.scales": [1.0]},
+    "ade20k_pspnet_r50_mtp.yaml": {
+        "model.name": "pspnet_resnet50", "data.seg.name": "ade20k", "data.seg.crop_size": [480, 480],
+        "data.seg.scale_range": [0.5, 2.0], "data.seg.batch_size": 32, "train.seg.lr": 0.01, "train.seg.epochs": 120,
+        "method.alpha1": 1e-4, "method.alpha2": 1e-4, "data.cls.batch_size": 128, "method.lr_cls": 0.001,
+        "finetune.seg.lr": 0.0005, "finetune.cls.epochs": 50, "finetune.seg.epochs": 120,
+        "eval.scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_APPENDIX))
+def test_paper_configs_carry_the_appendix_settings(name):
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper" / name)
+    for key, want in _APPENDIX[name].items():
+        val = cfg
+        for k in key.split("."):
+            val = val[k]
+        assert val == want, (name, key, val, want)
+    assert cfg["method"]["name"] == "mtp" and cfg["prune"]["threshold_mode"] == "ind"
+    assert cfg["train"]["seg"]["power"] == 0.9 and cfg["finetune"]["seg"]["power"] == 0.9  # poly schedules

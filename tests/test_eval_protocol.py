@@ -246,3 +246,37 @@ def test_plain_protocol_keeps_old_fingerprints_and_multiscale_changes_only_evalu
     ms["eval"].update(scales=[0.5, 1.0, 1.5], flip=True)
     a, b = stage_fingerprints(cfg), stage_fingerprints(ms)
     assert [s for s in a if a[s] != b[s]] == ["evaluate"]
+
+
+def test_native_size_evaluation_with_input_size_null(tmp_path):
+    """``data.seg.input_size: null``: images are evaluated at their native size (here 40x36, not the
+    32x32 crop), FLOPs/latency/tracing use crop_size, and the report says so. A batch of several
+    native-size images is refused by the config check."""
+    import copy
+    import json
+
+    import yaml
+
+    from test_pipeline import TINY
+    from segprune.cli import main
+    from segprune.config import ConfigError, load_config
+    from segprune.pipeline import Pipeline
+
+    cfg = copy.deepcopy(TINY)
+    cfg["data"]["seg"].update(input_size=None, image_size=[40, 36], crop_size=[32, 32], eval_batch_size=1)
+    cfg["train"]["seg"]["epochs"] = 1
+    path = tmp_path / "native.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    bad = copy.deepcopy(cfg)
+    bad["data"]["seg"]["eval_batch_size"] = 4
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="data.seg.eval_batch_size=4: must be 1 when data.seg.input_size is null"):
+        load_config(tmp_path / "bad.yaml")
+    out = tmp_path / "run"
+    pipe = Pipeline(load_config(path), out, quiet=True)
+    assert tuple(pipe.seg_eval[0][0].shape) == (3, 40, 36) and tuple(pipe.seg_eval[0][1].shape) == (40, 36)
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["input_size"] == [32, 32] and m["eval_native_size"] is True
+    assert json.loads((out / "stages/04_prune/arch.json").read_text())["input_size"] == [32, 32]
+    assert "images at native size (params/FLOPs/latency at 32x32)" in (out / "report.md").read_text()
