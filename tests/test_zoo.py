@@ -94,9 +94,14 @@ def test_interface_and_aux_outputs(name):
     m.eval()
     with torch.no_grad():
         plain = m(x)
-    traced = m(x)  # eval + autograd: the auxiliary heads are tied in for the graph tracer, same values
-    assert torch.equal(plain, traced) and traced.grad_fn is not None
-    assert torch.equal(plain, m.forward_aux(x)[0].detach())
+    ran = []
+    hooks = [mod.register_forward_hook(lambda *_: ran.append(1)) for n, mod in names.items()
+             if any(n == a or n.startswith(a + ".") for a in m.aux_modules)]  # a ModuleList never runs itself
+    graded = m(x)  # eval with autograd on: forward still runs the main path only
+    assert torch.equal(plain, graded) and not ran
+    assert torch.equal(plain, m.forward_aux(x)[0].detach()) and ran  # the tracer's path runs the heads
+    for h in hooks:
+        h.remove()
 
 
 def test_model_specific_keys_refused():

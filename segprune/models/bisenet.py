@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import ConvBNReLU, ch, tie_aux, tracing_aux, upsample
+from .common import ConvBNReLU, ch, upsample
 from .resnet import ResNet
 
 __all__ = ["SpatialPath", "AttentionRefinement", "FeatureFusion", "BiSeNetHead", "BiSeNetDecoder", "BiSeNet",
@@ -164,9 +164,6 @@ class BiSeNet(nn.Module):
         return upsample(out, size), [upsample(h(f), size) for h, f in zip(self.aux_heads, feats)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tracing_aux(self):
-            main, aux = self.forward_aux(x)
-            return tie_aux(main, aux)
         return upsample(self._run(x)[0], x.shape[-2:])
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .common import ConvBNReLU, ch, tie_aux, tracing_aux, upsample
+from .common import ConvBNReLU, ch, upsample
 from .resnet import ResNet
 
 __all__ = ["PPM", "PSPHead", "FCNHead", "PSPNet", "PPM_BINS", "PSP_AUX_WEIGHT"]
@@ -118,9 +118,6 @@ class PSPNet(nn.Module):
         return upsample(self.classifier(c4), size), [upsample(self.aux_classifier(c3), size)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tracing_aux(self):
-            main, aux = self.forward_aux(x)
-            return tie_aux(main, aux)
         return upsample(self.classifier(self.backbone.forward_features(x)), x.shape[-2:])
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:

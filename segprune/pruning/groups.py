@@ -51,7 +51,14 @@ def has_cls_forward(model: nn.Module) -> bool:
 
 
 def _forward_both(model: nn.Module, x: torch.Tensor):
-    outs = [model(x)]
+    """Everything the tracer must see: the segmentation logits, the training-only auxiliary heads'
+    logits (``forward_aux``, PSPNet/BiSeNet: a head left off the trace would keep its input channels
+    when the features it reads are pruned) and the classification logits (``forward_cls``)."""
+    if callable(getattr(model, "forward_aux", None)):
+        main, aux = model.forward_aux(x)
+        outs = [main, *aux]
+    else:
+        outs = [model(x)]
     if has_cls_forward(model):
         outs.append(model.forward_cls(x))
     return tuple(outs)
@@ -61,7 +68,8 @@ def build_graph(model: nn.Module, input_size: tuple[int, int] = (64, 64)) -> tp.
     """Trace ``model`` (segmentation and, if present, classification forward) into a DepGraph.
 
     The model is traced in eval mode on a zero image (1, C, H, W), C = ``model.input_channels``
-    if the model has that attribute, else 3; its mode is restored. Tracing the classification
+    if the model has that attribute, else 3; its mode is restored. A model with auxiliary heads is
+    traced through ``forward_aux`` (main and auxiliary logits). Tracing the classification
     forward too (:func:`has_cls_forward`) makes the head's input features part of the groups, so
     pruning the last backbone layer also shrinks the head.
     """
@@ -69,7 +77,9 @@ def build_graph(model: nn.Module, input_size: tuple[int, int] = (64, 64)) -> tp.
     model.eval()
     try:
         with torch.enable_grad():  # DepGraph traces through autograd
-            x = torch.zeros(1, int(getattr(model, "input_channels", 3)), *input_size)
+            p = next(model.parameters(), None)  # a model moved to a GPU is traced there
+            x = torch.zeros(1, int(getattr(model, "input_channels", 3)), *input_size,
+                            device=p.device if p is not None else None)
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=x, forward_fn=_forward_both, verbose=False)
     finally:
         model.train(was_training)
