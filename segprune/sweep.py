@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -273,10 +274,14 @@ def _waits_on_other(out: Path, run: SweepRun, runs: list[SweepRun]) -> bool:
 
 def run_sweep(path: str | Path, out: str | Path | None = None, threads: int | None = None,
               quiet: bool = False, dry_run: bool = False, log=print) -> dict:
-    """Run every unfinished run of a sweep in this process; return :func:`sweep_status` at the end.
+    """Run every unfinished run of a sweep in this process; return :func:`sweep_status` at the end,
+    plus ``failed`` (run name -> error) for the runs that raised in this process.
 
     Safe to start several times at once on the same ``out`` (each process takes runs through
-    lock files) and to kill at any time (runs resume stage by stage on the next call).
+    lock files) and to kill at any time (runs resume stage by stage on the next call). A run that
+    raises (bad data, a non-finite loss, ...) is logged, its traceback written to
+    ``<out>/.failures/<run>.txt``, and the sweep goes on with the other runs; it stays pending and
+    is retried by the next start. Ctrl-C (KeyboardInterrupt) still stops the sweep.
 
     Raises:
         ConfigError: invalid sweep file (see :func:`load_sweep`).
@@ -294,6 +299,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, threads: int | No
         log(f"{len(st['finished'])}/{len(runs)} finished, estimated remaining work {_fmt_s(st['eta_s'])}")
         return st
     attempted: set[str] = set()
+    failed: dict[str, str] = {}
     while True:
         todo = [r for r in runs if r.name not in attempted and not _is_finished(out, r)]
         if not todo:
@@ -323,11 +329,19 @@ def run_sweep(path: str | Path, out: str | Path | None = None, threads: int | No
                 torch.set_num_threads(int(threads))
             pipe.run()
             log(f"[sweep] {pick.name} finished in {_fmt_s(time.perf_counter() - t0)}")
+        except Exception as exc:  # one bad run (data error, NaN loss, a bug) must not stop the grid
+            failed[pick.name] = f"{type(exc).__name__}: {exc}"
+            note = out / ".failures" / f"{pick.name}.txt"
+            atomic_write_bytes(note, traceback.format_exc().encode())
+            log(f"[sweep] {pick.name} FAILED ({type(exc).__name__}: {str(exc)[:300]}); traceback in {note}; "
+                "its finished stages are kept, the next sweep start retries it; going on with the other runs")
         finally:
             attempted.add(pick.name)
             _release(lock)
     st = sweep_status(out, runs)
-    log(f"[sweep] {len(st['finished'])}/{len(runs)} finished" + (f"; still running elsewhere: {st['running']}" if st["running"] else ""))
+    st["failed"] = failed
+    log(f"[sweep] {len(st['finished'])}/{len(runs)} finished" + (f"; still running elsewhere: {st['running']}" if st["running"] else "")
+        + (f"; FAILED in this worker: {', '.join(failed)}" if failed else ""))
     return st
 
 

@@ -225,3 +225,17 @@ def test_compare_plots_from_real_run_folders(swept, tmp_path):
     assert any("eval images [0, 7]" in line for line in lines)  # first and last of the 8 eval images
     md = (tmp_path / "cmp" / "table.md").read_text()
     assert "| mtp | 0.5× | uni |" in md and "| fpgm | 0.5× | - |" in md
+
+
+def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
+    p = _sweep_file(tmp_path, [{"name": "boom", "method.name": "fpgm", "train.seg.lr": 1.0e12},
+                               {"name": "ok", "method.name": "fpgm"}])
+    out = tmp_path / "out"
+    lines = []
+    st = run_sweep(p, out, quiet=True, log=lines.append)
+    assert list(st["failed"]) == ["boom"] and st["failed"]["boom"].startswith("NonFiniteLossError")
+    assert "ok" in st["finished"] and "boom" in st["pending"]          # retried by the next start
+    assert "NonFiniteLossError" in (out / ".failures" / "boom.txt").read_text()
+    assert any("boom FAILED" in ln for ln in lines) and "FAILED in this worker: boom" in lines[-1]
+    assert (out / "boom" / "stages" / "01_pretrain_cls" / "done.json").is_file()  # finished stages kept
+    assert not (out / ".locks" / "boom.lock").exists() or not _locked_by_other(out / ".locks" / "boom.lock")
