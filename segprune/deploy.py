@@ -110,15 +110,19 @@ def find_run(run_dir: str | Path, pruned_stage_ok: bool = False) -> tuple[dict, 
 
 
 def run_input_size(cfg: dict) -> tuple[int, int]:
-    """Network input ``(H, W)`` in pixels: ``data.seg.input_size`` (synthetic data without one: ``image_size``).
+    """Network input ``(H, W)`` in pixels: ``data.seg.input_size``, else (images kept at their native
+    sizes) ``data.seg.crop_size``, as in ``pipeline.model_input_size``; synthetic data with neither:
+    ``image_size``.
 
     Raises:
-        ConfigError: neither is set (e.g. CamVid kept at its native size: no fixed input to export).
+        ConfigError: none of them is set.
     """
     dseg = cfg["data"]["seg"]
-    size = dseg.get("input_size") or (dseg.get("image_size") if dseg.get("name") == "synthetic" else None)
+    size = (dseg.get("input_size") or dseg.get("crop_size")
+            or (dseg.get("image_size") if dseg.get("name") == "synthetic" else None))
     if not size or len(size) != 2:
-        raise ConfigError(f"data.seg.input_size={dseg.get('input_size')!r}: a fixed (H, W) input size is needed")
+        raise ConfigError(f"data.seg.input_size={dseg.get('input_size')!r}, crop_size={dseg.get('crop_size')!r}: "
+                          "a fixed (H, W) input size is needed")
     return int(size[0]), int(size[1])
 
 
@@ -126,7 +130,9 @@ def eval_images(cfg: dict, n: int) -> tuple[torch.Tensor, str]:
     """The first ``n`` eval images of the run's segmentation dataset, as the evaluator sees them.
 
     The dataset is built as ``segprune evaluate`` builds it (eval transform: resize to
-    ``input_size``, normalise). Fewer than ``n`` images are returned if the split is smaller.
+    ``input_size``, normalise); a run evaluated at native sizes (``input_size: null``) gets its images
+    resized to :func:`run_input_size`, the size the model is exported at. Fewer than ``n`` images are
+    returned if the split is smaller.
 
     Returns:
         ``(images float32 (n, 3, H, W), split name)``.
@@ -139,6 +145,8 @@ def eval_images(cfg: dict, n: int) -> tuple[torch.Tensor, str]:
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
     dseg = cfg["data"]["seg"]
+    if dseg.get("input_size") is None:  # native sizes differ: use the export size
+        dseg = {**dseg, "input_size": list(run_input_size(cfg))}
     split = cfg["eval"]["split"] or dseg["eval_split"]
     ds = build_seg_dataset(dseg, split, False, int(cfg["seed"]))
     k = min(n, len(ds))

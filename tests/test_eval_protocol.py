@@ -280,3 +280,7 @@ def test_native_size_evaluation_with_input_size_null(tmp_path):
     assert m["input_size"] == [32, 32] and m["eval_native_size"] is True
     assert json.loads((out / "stages/04_prune/arch.json").read_text())["input_size"] == [32, 32]
     assert "images at native size (params/FLOPs/latency at 32x32)" in (out / "report.md").read_text()
+    onnx = tmp_path / "native.onnx"  # exported at the crop size, checked on eval images resized to it
+    assert main(["export", str(out), "--onnx", str(onnx), "--images", "2"]) == 0
+    info = json.loads(onnx.with_name(onnx.name + ".json").read_text())
+    assert info["input_size"] == [32, 32]
