@@ -22,26 +22,31 @@ def _print_summary(m: dict, out: Path, wall: float) -> None:
     print(f"run folder: {out}  (report.md, metrics.json, stages/)")
 
 
+def _run_pipeline(cfg: dict, out: Path, quiet: bool, t0: float) -> int:
+    """Run the pipeline; under ``torchrun`` (WORLD_SIZE, RANK set) as one rank of a process group
+    (``engine.distributed``: init from the environment, rank 0 writes and prints, teardown at the end)."""
+    from .engine import distributed as ddp
+    from .pipeline import Pipeline
+    with ddp.launch(cfg["distributed"]):
+        m = Pipeline(cfg, out, quiet=quiet).run()
+        if ddp.is_main():
+            _print_summary(m, out, time.perf_counter() - t0)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .config import demo_config
-    from .pipeline import Pipeline
     t0 = time.perf_counter()
     cfg = demo_config()
-    out = Path(args.out)
-    m = Pipeline(cfg, out, quiet=args.quiet).run()
-    _print_summary(m, out, time.perf_counter() - t0)
-    return 0
+    return _run_pipeline(cfg, Path(args.out), args.quiet, t0)
 
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .pipeline import Pipeline
     t0 = time.perf_counter()
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    m = Pipeline(cfg, out, quiet=args.quiet).run()
-    _print_summary(m, out, time.perf_counter() - t0)
-    return 0
+    return _run_pipeline(cfg, out, args.quiet, t0)
 
 
 def cmd_evaluate(args) -> int:
@@ -81,7 +86,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_sweep(args) -> int:
     """Run a grid of runs sharing the baseline; resumable, several workers cooperate."""
+    import os
+    from .config import ConfigError
+    from .engine.distributed import launched
     from .sweep import run_sweep, spawn_workers
+    if launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError("segprune sweep runs one process per run (--jobs); launch `segprune run` under torchrun "
+                          "for data-parallel training of one run")
     if args.jobs > 1 and not args.dry_run:
         return spawn_workers(args.sweep, args.out, args.jobs, args.threads, args.quiet)
     st = run_sweep(args.sweep, args.out, threads=args.threads, quiet=args.quiet, dry_run=args.dry_run)

@@ -85,6 +85,10 @@ DEFAULTS: dict[str, Any] = {
     # [h, w] pixels, null = crop_size; overlapping logits averaged). Defaults = plain single-scale model(x).
     "eval": {"latency_runs": 20, "latency_warmup": 5, "threads": None, "split": None,
              "scales": [1.0], "flip": False, "mode": "whole", "crop_size": None, "stride": None},
+    # several processes under torchrun (segprune/engine/distributed.py, docs/distributed.md); unused in a
+    # single process. backend null = nccl with CUDA, else gloo; device null = cuda:LOCAL_RANK when CUDA is
+    # available, else cpu; sync_bn = BatchNorm statistics of the global batch; timeout_s = collective timeout
+    "distributed": {"backend": None, "device": None, "sync_bn": True, "timeout_s": 1800},
 }
 
 
@@ -362,6 +366,12 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     if pair(ev["stride"]) and pair(ev["crop_size"]):
         need(all(s <= c for s, c in zip(ev["stride"], ev["crop_size"])), "eval.stride",
              "must not exceed eval.crop_size (pixels would be left uncovered)")
+    dd = cfg["distributed"]  # several processes (torchrun); see segprune/engine/distributed.py
+    need(dd["backend"] is None or dd["backend"] in ("gloo", "nccl", "mpi", "ucc"), "distributed.backend",
+         "must be null (nccl with CUDA, else gloo) or one of gloo, nccl, mpi, ucc")
+    need(dd["device"] in (None, "cpu", "cuda"), "distributed.device", "must be null (cuda when available), 'cpu' or 'cuda'")
+    need(isinstance(dd["sync_bn"], bool), "distributed.sync_bn", "must be true or false")
+    need(_num(dd["timeout_s"]) and dd["timeout_s"] > 0, "distributed.timeout_s", "must be a number of seconds > 0")
     if bad and raise_error:
         raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
     return bad

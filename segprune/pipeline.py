@@ -12,6 +12,11 @@ Stages (each writes ``stages/<stage>/`` with ``model.safetensors``, ``arch.json`
 7. ``evaluate``      mIoU, pixel accuracy, params, FLOPs, MACs, latency of baseline and pruned
 
 The run folder holds ``config.yaml`` (resolved), ``logs/``, ``metrics.json`` and ``report.md``.
+
+Under ``torchrun`` (several processes, ``engine.distributed``, docs/distributed.md) every rank runs
+the same stages on its slice of each global batch; only rank 0 writes into the run folder (the
+others wait at a barrier and read what it wrote), the prune stage's channel selection is rank 0's
+(broadcast), evaluation is sharded and latency is measured by rank 0 alone.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_into_model, load_json, load_state_dict, save_json, save_state_dict, atomic_write_bytes
 from .config import DEFAULTS, ConfigError, merge, validate
 from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num_classes
+from .engine import distributed as ddp
 from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
 from .engine.profile import count_flops, profile_model
@@ -225,7 +231,7 @@ def search_keep_ratio(model: nn.Module, units: list, select, target: float, tole
 def save_model(stage_dir: Path, model: nn.Module, arch: dict) -> None:
     """Write weights (safetensors) then architecture (JSON), both atomically."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    save_state_dict(stage_dir / "model.safetensors", model.state_dict(), {"format": ARCH_FORMAT})
+    save_state_dict(stage_dir / "model.safetensors", ddp.unwrap(model).state_dict(), {"format": ARCH_FORMAT})
     save_json(stage_dir / "arch.json", arch)
 
 
@@ -275,7 +281,7 @@ class Pipeline:
 
     def __init__(self, cfg: dict, out_dir: str | Path, quiet: bool = False, share: list[str | Path] | None = None):
         validate(cfg)
-        self.cfg, self.out, self.quiet = cfg, Path(out_dir), quiet
+        self.cfg, self.out, self.quiet = cfg, Path(out_dir), quiet or not ddp.is_main()  # several processes: rank 0 prints
         self.share = [Path(p) for p in share or [] if Path(p).resolve() != Path(out_dir).resolve()]
         self.fingerprints = stage_fingerprints(cfg)
         self.timings: dict[str, float] = {}
@@ -302,6 +308,16 @@ class Pipeline:
             for ds in sets:
                 if flag and hasattr(ds, "validate"):
                     ds.validate()  # full scan: every image decodes, labels in range, sizes match
+        if ddp.active():  # several processes: data.*.batch_size is the global batch, split evenly
+            for sec, ds in (("seg", self.seg_train), ("cls", self.cls_train)):
+                b = int(cfg["data"][sec]["batch_size"])
+                if b % ddp.world():
+                    raise ConfigError(f"data.{sec}.batch_size={b}: the global batch must be divisible by the "
+                                      f"{ddp.world()} processes (each takes batch_size / {ddp.world()})")
+                if len(ds) < b:
+                    raise ConfigError(f"data.{sec}.batch_size={b}: larger than the training set ({len(ds)} samples); "
+                                      f"with several processes every global batch must be full")
+        self.device = ddp.device()
         cfg_file = self.out / "config.yaml"
         if cfg_file.exists():
             old = yaml.safe_load(cfg_file.read_text())
@@ -310,18 +326,33 @@ class Pipeline:
                 unknown: list[str] = []
                 filled = merge(DEFAULTS, old, "", unknown)
                 old = old if unknown else filled
+            if isinstance(old, dict) and "distributed" in cfg:  # how it is launched may change between attempts
+                old = {**old, "distributed": cfg["distributed"]}
             if old != cfg:
                 diff = sorted(_diff_keys(old, cfg))
                 raise ConfigError(f"run folder {self.out} was made with another config (differs at: "
                                   f"{', '.join(diff[:10])}); use another --out, or the same config to resume")
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not cfg_file.exists():
-            atomic_write_bytes(cfg_file, yaml.safe_dump(cfg, sort_keys=False).encode())
+        if ddp.is_main():  # several processes: rank 0 writes, the others read after the barrier
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not cfg_file.exists():
+                atomic_write_bytes(cfg_file, yaml.safe_dump(cfg, sort_keys=False).encode())
+        ddp.barrier()
+        if not ddp.all_true(cfg_file.is_file()):
+            raise ConfigError(f"run folder {self.out}: not visible from every process; with several nodes put --out "
+                              f"on a file system all of them share")
         if cfg["threads"]:
             torch.set_num_threads(int(cfg["threads"]))
 
     # ------------------------------------------------------------------------------------
+    def _place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to this rank's device (``cuda:LOCAL_RANK`` under torchrun with CUDA); a CPU run: untouched."""
+        if self.device.type != "cpu":
+            model.to(self.device)
+        return model
+
     def _log(self, stage: str) -> StageLog:
+        if not ddp.is_main():  # several processes: rank 0 logs
+            return StageLog(stage, None, quiet=True)
         return StageLog(stage, self.out / "logs", quiet=self.quiet)
 
     def _stage_dir(self, stage: str) -> Path:
@@ -333,13 +364,29 @@ class Pipeline:
 
     def _finish(self, stage: str, model: nn.Module | None, arch: dict | None, log: StageLog, info: dict) -> None:
         d = self._stage_dir(stage)
-        if model is not None:
-            save_model(d, model, arch)
+        if ddp.active() and model is not None:
+            info = {**info, **self._check_replicas(model, log)}
         info = {"stage": stage, "wall_s": round(log.elapsed(), 2), "fingerprint": self.fingerprints[stage], **info}
-        save_json(d / "done.json", info)
-        self._ckpt(stage).clear()  # the in-stage checkpoint is obsolete only once done.json exists
+        if ddp.is_main():  # several processes: rank 0 writes; the others continue from their identical replica
+            if model is not None:
+                save_model(d, model, arch)
+            save_json(d / "done.json", info)
+            self._ckpt(stage).clear()  # the in-stage checkpoint is obsolete only once done.json exists
+        ddp.barrier()
         self.timings[stage] = info["wall_s"]
         log.write(f"done in {info['wall_s']:.1f}s")
+
+    @staticmethod
+    def _check_replicas(model: nn.Module, log: StageLog) -> dict:
+        """Several processes: compare the ranks' weights and buffers bitwise (digests); should they
+        differ (not expected: every rank takes the same steps), rank 0's are copied to all ranks."""
+        digests = ddp.gather_object(ddp.state_digest(model.state_dict().values()))
+        same = len(set(digests)) == 1
+        if not same:
+            log.write(f"warning: the {ddp.world()} replicas differ at the end of the stage ({digests}); "
+                      f"continuing with rank 0's weights")
+            ddp.broadcast_module(model)
+        return {"world_size": ddp.world(), "replicas_identical": same}
 
     def _arch(self, widths: dict | None) -> dict:
         return {"format": ARCH_FORMAT, "model": self.cfg["model"], "num_classes": self.num_classes,
@@ -350,8 +397,8 @@ class Pipeline:
         d = self.cfg["data"]
         s = self.bseed if baseline else int(self.cfg["seed"])
         seg, cls = (self.seg_train_base, self.cls_train_base) if baseline else (self.seg_train, self.cls_train)
-        return (make_loader(seg, d["seg"]["batch_size"], True, s, d["seg"]["num_workers"]),
-                make_loader(cls, d["cls"]["batch_size"], True, s, d["cls"]["num_workers"]))
+        return (make_loader(seg, d["seg"]["batch_size"], True, s, d["seg"]["num_workers"], shard=True),
+                make_loader(cls, d["cls"]["batch_size"], True, s, d["cls"]["num_workers"], shard=True))
 
     def _ckpt(self, stage: str) -> StageCheckpoint:
         """In-stage checkpoint of ``stage`` (every ``checkpoint_every`` iterations; 0 = off)."""
@@ -388,14 +435,17 @@ class Pipeline:
 
     def _eval_loaders(self):
         d = self.cfg["data"]
-        return (make_loader(self.seg_eval, d["seg"]["eval_batch_size"], False, 0, d["seg"]["num_workers"]),
-                make_loader(self.cls_eval, d["cls"]["eval_batch_size"], False, 0, d["cls"]["num_workers"]))
+        return (make_loader(self.seg_eval, d["seg"]["eval_batch_size"], False, 0, d["seg"]["num_workers"], shard=True),
+                make_loader(self.cls_eval, d["cls"]["eval_batch_size"], False, 0, d["cls"]["num_workers"], shard=True))
 
     def _load_or(self, stage: str):
         if self._done(stage) is None and self.share:
-            self._adopt(stage)
+            if ddp.is_main():
+                self._adopt(stage)
+            ddp.barrier()
         if self._done(stage) is not None:
             model, arch = load_run_model(self._stage_dir(stage))
+            self._place(model)
             self.timings[stage] = self._done(stage).get("wall_s", 0.0)
             if not self.quiet:
                 print(f"[{stage}] already done, loaded {self._stage_dir(stage)}")
@@ -421,7 +471,8 @@ class Pipeline:
         if model is None:
             log = self._log("pretrain_cls")
             _seed(self.bseed)
-            model = build_model(dict(cfg["model"]), self.num_classes, self.cls_classes)
+            model = self._place(build_model(dict(cfg["model"]), self.num_classes, self.cls_classes))
+            ddp.broadcast_module(model)  # several processes: one initialisation (identical seeds give it anyway)
             st = train_classification(model.backbone, self._loaders(baseline=True)[1], cfg["train"]["pretrain_cls"], log,
                                       ckpt=self._ckpt("pretrain_cls"))
             top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
@@ -461,18 +512,21 @@ class Pipeline:
                 mtp = run_mtp(base, units, cls_loader, seg_loader, cfg["method"], ign, log, ckpt=self._ckpt("sparsity"))
                 scores = unit_gammas(base, units, mtp.score_sources())
                 info = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
+                if mtp.rank_digests is not None:  # several processes: E, μ, W1, model digests of every rank
+                    info["rank_digests"] = mtp.rank_digests
             else:  # baselines: optional sparsity training, scores taken at the prune stage
                 seg_loader, cls_loader = self._loaders()
                 kw = {"ckpt": self._ckpt("sparsity")} if "ckpt" in inspect.signature(baseline_method.train).parameters else {}
                 info = baseline_method.train(base, units, seg_loader, cls_loader, ign, log, **kw) or {}
                 scores = unit_gammas(base, units)
                 learned = baseline_method.trained_state()
-                if learned:  # e.g. SIRFP's redundancy EMAs: a resume after this stage scores with them
+                if learned and ddp.is_main():  # e.g. SIRFP's redundancy EMAs: a resume after this stage scores with them
                     sparse_dir.mkdir(parents=True, exist_ok=True)
                     save_state_dict(sparse_dir / "method_state.safetensors",
                                     {k: v.contiguous() for k, v in learned.items()})
-            sparse_dir.mkdir(parents=True, exist_ok=True)
-            save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
+            if ddp.is_main():
+                sparse_dir.mkdir(parents=True, exist_ok=True)
+                save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
             self._finish("sparsity", base, self._arch(None), log, {"method": method, **info})
             sparse = base
         if stop_after == "sparsity":
@@ -483,6 +537,8 @@ class Pipeline:
         pruned = self._load_or("prune")
         if pruned is None:
             log = self._log("prune")
+            if self.device.type != "cpu":  # tracing, selection and physical removal run on the CPU
+                sparse, graph = sparse.cpu(), None
             if graph is None:  # sparsity stage was loaded from disk: trace the loaded model
                 graph = build_graph(sparse, size)
                 units = discover_units(sparse, graph, pr["prune_coupled"])
@@ -531,6 +587,8 @@ class Pipeline:
                 kept = res.pop("kept")
                 unrounded = None
                 flops_info = res
+            # several processes: every rank computed the same selection; rank 0's is the one applied everywhere
+            kept, unrounded, flops_info = ddp.broadcast_object((kept, unrounded, flops_info))
             if round_to > 1:
                 total = sum(k.numel() for k in kept.values())
                 flops_info["round_to"] = round_to
@@ -560,6 +618,7 @@ class Pipeline:
             log.write(f"FLOPs ratio {flops_info['flops_ratio_achieved']:.4f} at input {size[0]}x{size[1]}")
             self._finish("prune", pruned, self._arch(spec), log, {"miou_before_finetune": m["miou"],
                          "kept_per_part": per_part, **flops_info})
+            self._place(pruned)
         if stop_after == "prune":
             return None
 
@@ -606,13 +665,20 @@ class Pipeline:
         names = getattr(self.seg_eval, "CLASSES", None)
         for key, model in (("baseline", baseline), ("pruned", pruned)):
             m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names, protocol=ev)
-            p = profile_model(model, size, threads=ev["threads"], runs=ev["latency_runs"], warmup=ev["latency_warmup"])
+            ddp.barrier()  # several processes: the other ranks idle while rank 0 measures (CPU) latency
+            p = profile_model(_on_cpu(model), size, threads=ev["threads"], runs=ev["latency_runs"],
+                              warmup=ev["latency_warmup"]) if ddp.is_main() else None
+            ddp.barrier()
             top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
+            if p is None:  # not rank 0: it writes the files and sends the metrics
+                continue
             out[key] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_acc": m["mean_acc"],
                         "per_class_iou": m["per_class_iou"], "params": p["params"], "flops": p["flops"],
                         "macs": p["macs"], "latency_ms": p["latency_ms"], "latency": p["latency"], "cls_top1": top1}
             log.write(f"{key}: mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f} params {p['params']} "
                       f"GFLOPs {p['flops'] / 1e9:.3f} latency {p['latency_ms']:.2f} ms top-1 {top1:.4f}")
+        if not ddp.is_main():
+            return ddp.broadcast_object(None)
         out["ratios"] = {k: out["pruned"][k] / out["baseline"][k] for k in ("params", "flops", "macs", "latency_ms")}
         out["delta_miou"] = out["pruned"]["miou"] - out["baseline"]["miou"]
         out["flops_note"] = "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2"
@@ -639,7 +705,13 @@ class Pipeline:
         atomic_write_bytes(self.out / "report.md", render_report(out, cfg).encode())
         save_json(self._stage_dir("evaluate") / "done.json", {"stage": "evaluate", "wall_s": self.timings["evaluate"],
                                                              "fingerprint": self.fingerprints["evaluate"]})
-        return out
+        return ddp.broadcast_object(out)  # several processes: every rank returns rank 0's metrics
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` if it is on the CPU, else a CPU copy (latency is a CPU measurement)."""
+    p = next(model.parameters(), None)
+    return model if p is None or p.device.type == "cpu" else copy.deepcopy(model).cpu()
 
 
 def _diff_keys(a, b, path=""):

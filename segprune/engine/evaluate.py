@@ -20,6 +20,12 @@ same weight, one vote per pixel bounded by 1: a view whose logits are large (e.g
 wrong scale) cannot outvote the others, which it can when logits are averaged. With one view
 only (the default), nothing is averaged and the raw logits are used, so the default protocol is
 bit-identical to plain ``model(x)`` evaluation.
+
+Several processes (``engine.distributed``): evaluation runs *sharded*. A loader made by
+``make_loader(..., shard=True)`` holds this rank's contiguous slice of the split; the confusion
+matrix (segmentation) or the correct/seen counts (classification) are summed over ranks before the
+metrics are computed (integers: exact), so every rank returns the metrics of the whole split.
+Inputs are moved to the model's device (nothing is moved for a CPU model).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import distributed as ddp
 from .metrics import ClassificationMetric, SegmentationMetric
 
 __all__ = ["evaluate_segmentation", "evaluate_classification", "predict_logits", "slide_logits",
@@ -244,14 +251,18 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int
     was = model.training
     model.eval()
     metric = SegmentationMetric(num_classes, ignore_index, list(class_names) if class_names else None)
+    like = next(model.parameters(), None)
     try:
         for x, y in loader:
+            (x,) = ddp.to_device(x, like=like) if like is not None else (x,)
             if default:
                 metric.update(model(x), y)
             else:
                 metric.update(predict_logits(model, x, *proto, out_size=tuple(y.shape[-2:])), y)
     finally:
         model.train(was)
+    if ddp.is_sharded(loader):  # this rank saw its slice of the split: sum the confusion matrices
+        metric.confusion = ddp.sum_over_ranks(metric.confusion)
     return metric.compute()
 
 
@@ -263,10 +274,14 @@ def evaluate_classification(forward: Callable[[torch.Tensor], torch.Tensor], loa
     if isinstance(owner, nn.Module):
         owner.eval()
     metric = ClassificationMetric()
+    like = next(owner.parameters(), None) if isinstance(owner, nn.Module) else None
     try:
         for x, y in loader:
+            (x,) = ddp.to_device(x, like=like) if like is not None else (x,)
             metric.update(forward(x), y)
     finally:
         if isinstance(owner, nn.Module):
             owner.train(was)
+    if ddp.is_sharded(loader):  # this rank saw its slice of the split: sum the counts
+        metric.correct, metric.count = (int(v) for v in ddp.sum_over_ranks(torch.tensor([metric.correct, metric.count])))
     return metric.compute()

@@ -11,6 +11,10 @@ uninterrupted run (augmentation is seeded per sample and epoch, see ``segprune.d
 is written atomically (temporary file + rename), so a kill during the write leaves the previous
 checkpoint; it is deleted when the stage finishes. Nothing is unpickled: tensors in safetensors,
 scalars as JSON in its header.
+
+Several processes (``engine.distributed``): only rank 0 writes and deletes the file (every rank
+holds the same state); every rank reads it on resume. The data position is one of the *global*
+batch order, so a checkpoint written at one world size resumes at another.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, load_metadata, load_state_dict, save_state_dict
+from . import distributed as ddp
 
 __all__ = ["StageCheckpoint", "LoaderCursor", "ResumableCycle", "optimizer_tensors", "load_optimizer_tensors",
            "module_tensors", "load_module_tensors", "fault_point"]
@@ -53,7 +58,7 @@ def load_optimizer_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dic
         i = int(idx)
         if i >= len(params) or params[i].shape != t.shape:
             raise CheckpointError(f"{source}: optimizer state {key} does not fit this model (another architecture?)")
-        opt.state[params[i]][name] = t.clone()
+        opt.state[params[i]][name] = t.to(params[i].device).clone()
 
 
 class LoaderCursor:
@@ -150,8 +155,9 @@ class StageCheckpoint:
         return self.path is not None and it % self.every == 0
 
     def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Write tensors + JSON-able ``meta`` atomically (the previous file stays valid until the rename)."""
-        if self.path is None:
+        """Write tensors + JSON-able ``meta`` atomically (the previous file stays valid until the rename).
+        Rank 0 only in a multi-process run."""
+        if self.path is None or not ddp.is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_state_dict(self.path, tensors, {"segprune_partial": json.dumps(meta)})
@@ -186,7 +192,7 @@ class StageCheckpoint:
         return tensors, meta
 
     def clear(self) -> None:
-        if self.path is not None:
+        if self.path is not None and ddp.is_main():
             self.path.unlink(missing_ok=True)
 
 

@@ -2,6 +2,12 @@
 
 All loops are plain SGD with momentum, deterministic on CPU for a fixed seed (data order from a
 seeded ``torch.Generator``, augmentation from per-sample seeds, see ``segprune.data``).
+
+Under ``torchrun`` (``engine.distributed``) the same loops run data-parallel: each rank trains on
+its slice of every global batch (``make_loader(..., shard=True)``), its loss is its share of the
+global mean, gradients are summed over ranks after ``backward`` and before any step hook reads
+them, and BatchNorm/dropout see the global batch (``distributed.replicated``). In a single process
+none of this code runs.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed as ddp
 from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors)
@@ -24,8 +31,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the stage and the step."""
 
 
-def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled (train, drop_last) or ordered (eval) loader with a seeded generator."""
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int, num_workers: int = 0,
+                shard: bool = False) -> DataLoader:
+    """Shuffled (train, drop_last) or ordered (eval) loader with a seeded generator.
+
+    ``shard=True`` in a multi-process run: this rank's part of the same loader, ``batch_size``
+    being the global batch (train: ``distributed.train_loader``, the 1-process order cut into
+    per-rank slices; eval: a contiguous slice of ``ds``, metrics all-reduced). Ignored in a single
+    process.
+    """
+    if shard and ddp.active():
+        return (ddp.train_loader(ds, batch_size, seed, num_workers) if train
+                else ddp.eval_loader(ds, batch_size, num_workers))
     gen = torch.Generator().manual_seed(int(seed))
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) >= batch_size,
                       num_workers=num_workers, generator=gen)
@@ -108,32 +125,36 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         torch.set_rng_state(tensors["rng.torch"])  # dropout draws from the global generator
         log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
     out: dict = {}
-    for epoch in range(start_epoch, epochs):
-        if epoch != start_epoch:
-            sums, skip = {}, 0
-        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{epochs}", initial=skip)
-        for i, (x, y) in enumerate(cursor.batches(epoch, skip) if skip < n_it else (), start=skip):
-            if i >= n_it:
-                break
-            lr = lr_at(it, total)
-            set_lr(opt, lr)
-            for k, v in step(x, y, opt, it).items():
-                sums[k] = sums.get(k, 0.0) + v
-            it += 1
-            bar.update(1)
-            if ckpt is not None and ckpt.due(it):
-                more = {} if extra is None else {f"extra.{k}": v for k, v in extra.state_tensors().items()}
-                ckpt.save({**module_tensors("model", net), **optimizer_tensors("opt", opt), "loader.gen": cursor.epoch_state,
-                           "rng.torch": torch.get_rng_state(), **more},
-                          {"it": it, "epoch": epoch, "batch": i + 1, "sums": sums})
-            fault_point(log.stage, it)
-        bar.close()
-        out = {k: v / max(1, n_it) for k, v in sums.items()}
-        log.write(epoch_msg(out, epoch, lr) if total else "no iterations")
+    like = next(net.parameters(), None)
+    with ddp.replicated(net):  # several processes: global-batch BatchNorm statistics and dropout masks
+        for epoch in range(start_epoch, epochs):
+            if epoch != start_epoch:
+                sums, skip = {}, 0
+            bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{epochs}", initial=skip)
+            for i, (x, y) in enumerate(cursor.batches(epoch, skip) if skip < n_it else (), start=skip):
+                if i >= n_it:
+                    break
+                x, y = ddp.to_device(x, y, like=like)  # CPU model: the same tensors
+                lr = lr_at(it, total)
+                set_lr(opt, lr)
+                for k, v in step(x, y, opt, it).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                it += 1
+                bar.update(1)
+                if ckpt is not None and ckpt.due(it):
+                    more = {} if extra is None else {f"extra.{k}": v for k, v in extra.state_tensors().items()}
+                    ckpt.save({**module_tensors("model", net), **optimizer_tensors("opt", opt), "loader.gen": cursor.epoch_state,
+                               "rng.torch": torch.get_rng_state(), **more},
+                              {"it": it, "epoch": epoch, "batch": i + 1, "sums": sums})
+                fault_point(log.stage, it)
+            bar.close()
+            out = {k: v / max(1, n_it) for k, v in sums.items()}
+            log.write(epoch_msg(out, epoch, lr) if total else "no iterations")
     return {**out, "iters": it}  # the caller deletes the in-stage checkpoint once the stage is saved
 
 
-def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int,
+             denom: float | None = None) -> torch.Tensor:
     """Segmentation loss of ``model`` on images x (N, 3, H, W) and labels y (N, H, W), ignore index excluded.
 
     ``CE(model(x), y)``; for a model in train mode with auxiliary heads (``forward_aux`` and
@@ -141,19 +162,33 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
     (PSPNet: 0.4 on the layer3 FCN head, PSPNet paper Sec. 3.4; BiSeNet: 1 on each of its two
     context heads, BiSeNet paper Eq. 2). Models without auxiliary heads take exactly the plain path.
 
+    ``denom`` (several processes): every CE is the *sum* over this rank's non-ignored pixels divided
+    by ``denom``, the global number of non-ignored pixels, so that the ranks' losses add up to the
+    1-process mean. ``None``: the mean over ``y``'s non-ignored pixels (a single process).
+
     Raises:
         ValueError: ``forward_aux`` returns another number of auxiliary outputs than ``aux_weights``.
     """
+    def ce(logits):
+        if denom is None:
+            return F.cross_entropy(logits, y, ignore_index=ignore_index)
+        return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum") / denom
+
     weights = getattr(model, "aux_weights", None)
     if not weights or not model.training or not hasattr(model, "forward_aux"):
-        return F.cross_entropy(model(x), y, ignore_index=ignore_index)
+        return ce(model(x))
     main, aux = model.forward_aux(x)
     if len(aux) != len(weights):
         raise ValueError(f"{type(model).__name__}: {len(aux)} auxiliary outputs but {len(weights)} aux_weights")
-    loss = F.cross_entropy(main, y, ignore_index=ignore_index)
+    loss = ce(main)
     for w, a in zip(weights, aux):
-        loss = loss + float(w) * F.cross_entropy(a, y, ignore_index=ignore_index)
+        loss = loss + float(w) * ce(a)
     return loss
+
+
+def seg_denominator(y: torch.Tensor, ignore_index: int) -> float | None:
+    """Global number of non-ignored pixels of the ranks' label batches (``None`` in a single process)."""
+    return ddp.global_count((y != ignore_index).sum()) if ddp.active() else None
 
 
 def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_index: int, log: StageLog,
@@ -170,16 +205,22 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
         NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
     """
     def step(x, y, opt, it):
-        loss = seg_loss(model, x, y, ignore_index)
-        check_finite(loss, log.stage, it)
+        denom = seg_denominator(y, ignore_index)  # None in a single process
+        loss = seg_loss(model, x, y, ignore_index, denom)
+        if denom is None:
+            check_finite(loss, log.stage, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        value = loss.item()
+        if denom is not None:  # several processes: gradients and loss summed over ranks
+            value = ddp.sync_grads(opt, loss)[0]
+            check_finite(torch.tensor(value), log.stage, it)
         if step_hook is not None:
             step_hook(it)
         opt.step()
         if post_step is not None:
             post_step(opt.param_groups[0]["lr"])
-        return {"loss": loss.item()}
+        return {"loss": value}
 
     st = train_loop(model, model.parameters(), loader, cfg, log,
                     lambda it, total: poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9)), step,
@@ -205,12 +246,20 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
 
     def step(x, y, opt, it):
         logits = forward(x)
-        loss = F.cross_entropy(logits, y)
-        check_finite(loss, log.stage, it)
+        denom = ddp.global_count(y.numel())  # None in a single process
+        if denom is None:
+            loss = F.cross_entropy(logits, y)
+            check_finite(loss, log.stage, it)
+        else:  # this rank's share of the global mean
+            loss = F.cross_entropy(logits, y, reduction="sum") / denom
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        out = {"loss": loss.item(), "correct": float((logits.argmax(1) == y).sum()), "seen": float(y.numel())}
+        if denom is not None:  # several processes: gradients, loss and counts summed over ranks
+            out = dict(zip(out, ddp.sync_grads(opt, *out.values())))
+            check_finite(torch.tensor(out["loss"]), log.stage, it)
         opt.step()
-        return {"loss": loss.item(), "correct": float((logits.argmax(1) == y).sum()), "seen": float(y.numel())}
+        return out
 
     st = train_loop(net, net.parameters(), loader, cfg, log,
                     lambda it, total: linear_lr(cfg["lr"], it, total) if linear else cfg["lr"], step,

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..engine.train import LoopState, check_finite, iters_per_epoch, poly_lr, seg_loss, train_loop
+from ..engine import distributed as ddp
+from ..engine.train import LoopState, check_finite, iters_per_epoch, poly_lr, seg_denominator, seg_loss, train_loop
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import check_keep_ratio
 from .base import PruningMethod, register_method
@@ -277,12 +278,18 @@ class ACoSP(PruningMethod):
             else:
                 masks.tau = acosp_temperature(it / max(1, n_it), end_epoch, ts, te)
                 soft_steps.append(it)
-            loss = seg_loss(model, x, y, ignore_index)  # + auxiliary heads (PSPNet, BiSeNet)
-            check_finite(loss, log.stage, it)
+            denom = seg_denominator(y, ignore_index)  # None in a single process
+            loss = seg_loss(model, x, y, ignore_index, denom)  # + auxiliary heads (PSPNet, BiSeNet)
+            if denom is None:
+                check_finite(loss, log.stage, it)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            value = loss.item()
+            if denom is not None:  # several processes: gradients (weights and mask logits) summed over ranks
+                value = ddp.sync_grads(opt, loss)[0]
+                check_finite(torch.tensor(value), log.stage, it)
             opt.step()
-            return {"loss": loss.item()}
+            return {"loss": value}
 
         tcfg = {"epochs": epochs, "lr": lr0, "max_iters_per_epoch": c.get("max_iters_per_epoch")}
         try:

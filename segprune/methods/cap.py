@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from ..engine import distributed as ddp
 from ..engine.train import LoopState, train_segmentation
 from ..pruning.groups import PruneUnit
 from .base import register_method
@@ -118,7 +119,9 @@ class ContextGuide(LoopState):
     def step(self) -> None:
         """Fold the importances of the last forward pass into the running averages; reset."""
         for name, rs in self._batch.items():
-            r = torch.stack(rs).mean(0)
+            # several processes: the mean over ranks of the per-rank means over samples, i.e. the
+            # global batch's importance (equal shards); a single process: r itself
+            r = ddp.mean_over_ranks(torch.stack(rs).mean(0))
             old = self.running.get(name)
             self.running[name] = r if old is None else self.ema * old + (1.0 - self.ema) * r
         self._batch = {}

@@ -44,6 +44,13 @@ name, or tuple of names, of its classification head) and ``forward_cls(x)`` inst
 ``segprune.api.prune_model`` attaches to any user module — has the whole model copied as W1; only
 the parameters under ``parts["backbone"]`` are coupled (W1 = W3), the head is W1's alone, and the
 decoder part of the copy is never used.
+
+Several processes (``torchrun``, ``engine.distributed``): each rank takes its slice of every
+global classification and segmentation batch; the gradients of the W1 step (Eq. 7) and of the
+W2/W3 step (Eqs. 8-9) are summed over ranks right after ``backward``, before the coupling and ℓ1
+terms are added, so every rank takes the same step; E and μ (Eq. 10, computed from W1 - W3) are
+then identical on all ranks by construction, and :func:`run_mtp` records per-rank digests of E, μ,
+W1 and the model (``MTP.rank_digests``) to prove it.
 """
 from __future__ import annotations
 
@@ -54,10 +61,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import distributed as ddp
 from ..engine.log import StageLog
 from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
                              load_optimizer_tensors, module_tensors, optimizer_tensors)
-from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, seg_loss, set_lr
+from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, seg_denominator, seg_loss, set_lr
 from ..pruning.groups import PruneUnit, in_part
 
 __all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_", "MTP_CONFIG_KEYS", "cls_branch"]
@@ -155,6 +163,7 @@ class MTP:
         self.gamma1 = [w1_mods[b[len(rel):]].weight for u in units if u.part == "backbone" for b in u.bns]
         self.gamma2 = [mods[b].weight for u in units if u.part != "backbone" for b in u.bns]
         self.units = units
+        self.rank_digests: list | None = None  # several processes: per-rank digests (see run_mtp)
         seg_params = [p for n, p in model.named_parameters() if not _under(n, [rel + h for h in heads])]
         shared = set(self.shared)
         w1_params = [p for n, p in p1.items() if n in shared or _under(n, heads)]
@@ -175,10 +184,17 @@ class MTP:
     def step_w1(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
         """One SGD step of Eq. 7 on a classification batch x (N, 3, h, w), y (N,). Returns l_cls."""
         self.w1.train()
-        loss = F.cross_entropy(self.forward_w1(x), y)
-        check_finite(loss, "sparsity (W1, Eq. 7)", self.steps)
+        denom = ddp.global_count(y.numel())  # None in a single process
+        if denom is None:
+            loss = F.cross_entropy(self.forward_w1(x), y)
+            check_finite(loss, "sparsity (W1, Eq. 7)", self.steps)
+        else:  # this rank's share of the global mean
+            loss = F.cross_entropy(self.forward_w1(x), y, reduction="sum") / denom
         self.opt1.zero_grad(set_to_none=True)
         loss.backward()
+        if denom is not None:  # gradients of l_cls summed over ranks, before the coupling terms
+            loss = torch.tensor(ddp.sync_grads(self.opt1, loss)[0])
+            check_finite(loss, "sparsity (W1, Eq. 7)", self.steps)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.p1]
         torch._foreach_add_(grads, self.coupling_grad())
         for p, g in zip(self.p1, grads):
@@ -196,11 +212,16 @@ class MTP:
     def step_w23(self, x: torch.Tensor, y: torch.Tensor, lr: float, ignore_index: int) -> float:
         """One SGD step of Eq. 8 (W2) and Eq. 9 (W3) on a segmentation batch x (N,3,H,W), y (N,H,W)."""
         self.model.train()
-        seg = seg_loss(self.model, x, y, ignore_index)  # + weighted auxiliary-head losses, if the model has them
-        check_finite(seg, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
+        denom = seg_denominator(y, ignore_index)  # None in a single process
+        seg = seg_loss(self.model, x, y, ignore_index, denom)  # + weighted auxiliary-head losses, if the model has them
+        if denom is None:
+            check_finite(seg, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
         loss = float(self.cfg["lam"]) * seg
         self.opt23.zero_grad(set_to_none=True)
         loss.backward()
+        if denom is not None:  # gradients of λ l_seg summed over ranks, before the coupling terms
+            seg = torch.tensor(ddp.sync_grads(self.opt23, seg)[0])
+            check_finite(seg, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
         coupling = self.coupling_grad()          # ∂/∂W3 of the coupling terms is minus this
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.p3]
         torch._foreach_sub_(grads, coupling)
@@ -275,38 +296,49 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
         load_module_tensors("w1", mtp.w1, t, src)
         load_optimizer_tensors("opt1", mtp.opt1, t, src)
         load_optimizer_tensors("opt23", mtp.opt23, t, src)
-        mtp.E = [t[f"E.{i}"].clone() for i in range(len(mtp.E))]
+        mtp.E = [t[f"E.{i}"].to(p.device).clone() for i, p in enumerate(mtp.p1)]
         mtp.mu, mtp.steps = float(meta["mu"]), int(meta["steps"])
         start_epoch, skip, lc, ls = int(meta["epoch"]), int(meta["batch"]), float(meta["lc"]), float(meta["ls"])
         seg.restore(t["seg.gen"])
         torch.set_rng_state(t["rng.torch"])  # dropout draws from the global generator
         cls_iter.load("cls", t, meta)
         log.write(f"resumed from {src} at iteration {mtp.steps} (epoch {start_epoch + 1}, batch {skip})")
-    for epoch in range(start_epoch, int(cfg["epochs"])):
-        if epoch != start_epoch:
-            skip, lc, ls = 0, 0.0, 0.0
-        bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}", initial=skip)
-        for i, (x2, y2) in enumerate(seg.batches(epoch, skip) if skip < n_it else (), start=skip):
-            if i >= n_it:
-                break
-            x1, y1 = next(cls_iter)
-            lc += mtp.step_w1(x1, y1, linear_lr(cfg["lr_cls"], mtp.steps, total))
-            ls += mtp.step_w23(x2, y2, poly_lr(cfg["lr_seg"], mtp.steps, total), ignore_index)
-            mtp.steps += 1
-            if mtp.steps % int(cfg["update_every"]) == 0:
-                mtp.update_multipliers()
-            bar.update(1)
-            if ckpt is not None and ckpt.due(mtp.steps):
-                ct, cm = cls_iter.state("cls")
-                ckpt.save({**module_tensors("model", model), **module_tensors("w1", mtp.w1),
-                           **optimizer_tensors("opt1", mtp.opt1), **optimizer_tensors("opt23", mtp.opt23),
-                           **{f"E.{i}": e for i, e in enumerate(mtp.E)}, "seg.gen": seg.epoch_state,
-                           "rng.torch": torch.get_rng_state(), **ct},
-                          {"mu": mtp.mu, "steps": mtp.steps, "epoch": epoch, "batch": i + 1, "lc": lc, "ls": ls, **cm})
-            fault_point(log.stage, mtp.steps)
-        bar.close()
-        sp = mtp.sparsity()
-        log.write(f"epoch {epoch + 1}: l_cls {lc / max(1, n_it):.4f} l_seg {ls / max(1, n_it):.4f} "
-                  f"mu {mtp.mu:.4g} ||W1-W3|| {mtp.gap():.4f} zero-γ1 {sp['gamma1_zero']:.3f} zero-γ2 {sp['gamma2_zero']:.3f}")
+    like = next(model.parameters())
+    with ddp.replicated(model, mtp.w1):  # several processes: global-batch BatchNorm statistics and dropout masks
+        for epoch in range(start_epoch, int(cfg["epochs"])):
+            if epoch != start_epoch:
+                skip, lc, ls = 0, 0.0, 0.0
+            bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}", initial=skip)
+            for i, (x2, y2) in enumerate(seg.batches(epoch, skip) if skip < n_it else (), start=skip):
+                if i >= n_it:
+                    break
+                x1, y1 = next(cls_iter)
+                x1, y1, x2, y2 = ddp.to_device(x1, y1, x2, y2, like=like)  # CPU model: the same tensors
+                lc += mtp.step_w1(x1, y1, linear_lr(cfg["lr_cls"], mtp.steps, total))
+                ls += mtp.step_w23(x2, y2, poly_lr(cfg["lr_seg"], mtp.steps, total), ignore_index)
+                mtp.steps += 1
+                if mtp.steps % int(cfg["update_every"]) == 0:
+                    mtp.update_multipliers()
+                bar.update(1)
+                if ckpt is not None and ckpt.due(mtp.steps):
+                    ct, cm = cls_iter.state("cls")
+                    ckpt.save({**module_tensors("model", model), **module_tensors("w1", mtp.w1),
+                               **optimizer_tensors("opt1", mtp.opt1), **optimizer_tensors("opt23", mtp.opt23),
+                               **{f"E.{i}": e for i, e in enumerate(mtp.E)}, "seg.gen": seg.epoch_state,
+                               "rng.torch": torch.get_rng_state(), **ct},
+                              {"mu": mtp.mu, "steps": mtp.steps, "epoch": epoch, "batch": i + 1, "lc": lc, "ls": ls, **cm})
+                fault_point(log.stage, mtp.steps)
+            bar.close()
+            sp = mtp.sparsity()
+            log.write(f"epoch {epoch + 1}: l_cls {lc / max(1, n_it):.4f} l_seg {ls / max(1, n_it):.4f} "
+                      f"mu {mtp.mu:.4g} ||W1-W3|| {mtp.gap():.4f} zero-γ1 {sp['gamma1_zero']:.3f} zero-γ2 {sp['gamma2_zero']:.3f}")
+    if ddp.active():  # E and μ (and the replicas) must agree bitwise on every rank
+        mtp.rank_digests = ddp.gather_object({
+            "rank": ddp.rank(), "mu": mtp.mu, "E": ddp.state_digest(mtp.E), "W1": ddp.state_digest(mtp.w1.state_dict().values()),
+            "model": ddp.state_digest(model.state_dict().values())})
+        same = all({k: v for k, v in d.items() if k != "rank"} == {k: v for k, v in mtp.rank_digests[0].items() if k != "rank"}
+                   for d in mtp.rank_digests)
+        log.write(f"E and mu {'identical' if same else 'DIFFER'} on the {ddp.world()} ranks (digest of E "
+                  f"{mtp.rank_digests[0]['E']}, mu {mtp.mu:.6g})")
     mtp.finalize()
     return mtp

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from ..engine import distributed as ddp
 from ..engine.train import LoopState, train_segmentation
 from ..pruning.groups import PruneUnit
 from .base import PruningMethod, register_method
@@ -194,9 +195,12 @@ class RedundancyTracker(LoopState):
         def hook(mod, inputs, output):
             with torch.no_grad():
                 _check_maps(output, f"SIRFP: output of {name}")
-                self.red[name].update(redundancy_matrix(output, self.scale_by_hw))
+                # several processes (train mode): means over samples, averaged over the ranks' equal
+                # shards = the global batch's value; a single process: unchanged
+                sync = ddp.mean_over_ranks if mod.training else (lambda t: t)
+                self.red[name].update(sync(redundancy_matrix(output, self.scale_by_hw)))
                 if name in self.edge:
-                    self.edge[name].update(sobel_edge_std(output))
+                    self.edge[name].update(sync(sobel_edge_std(output)))
         return hook
 
     def __enter__(self) -> "RedundancyTracker":

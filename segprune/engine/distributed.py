@@ -1,0 +1,507 @@
+"""Data-parallel training over several processes (``torchrun``), one model replica per process.
+
+``torchrun --nproc_per_node=N -m segprune.cli run CONFIG --out DIR`` sets ``WORLD_SIZE``, ``RANK``
+and ``LOCAL_RANK``; :func:`launch` then starts the process group (``distributed.backend``: nccl
+when CUDA is available, else gloo) and, with CUDA, puts rank r on ``cuda:LOCAL_RANK``. Without
+those variables nothing here does anything: every helper is a no-op at world size 1 and a
+single-process run computes exactly what it computed before this module existed.
+
+How a k-process run reproduces the 1-process run at the same *global* batch B:
+
+* **data**: :class:`ShardedBatchSampler` draws the 1-process permutation (torch's own
+  ``RandomSampler`` + ``BatchSampler`` on the loader's seeded generator, consumed exactly as the
+  1-process ``DataLoader`` consumes it), cuts it into the same global batches and gives rank r the
+  contiguous slice ``[r B/k, (r+1) B/k)`` of each. ``LoaderCursor`` (in-stage resume) saves and
+  restores the same generator, so a checkpoint written at one world size resumes at another.
+* **loss**: a rank's loss is its *sum* over samples (segmentation: over non-ignored pixels)
+  divided by the global count (:func:`global_count`), so the sum over ranks is the 1-process mean
+  even when the ranks hold different numbers of ignored pixels.
+* **gradients**: :func:`sync_grads` sums every ``.grad`` over ranks (one flat all-reduce per dtype)
+  right after ``backward`` and before any hook that reads ``.grad``; every replica then takes the
+  same optimiser step, so weights, MTP's multipliers E and μ (computed from W1 - W3) and every
+  other derived state stay identical without being communicated. No ``DistributedDataParallel``
+  wrapper is used: the training loops modify gradients between backward and step (MTP's coupling
+  terms, ℓ1 sub-gradients), the wrapped model would prefix its keys with ``module.``, and an
+  explicit all-reduce keeps the code path the same for every loop. Checkpoints therefore hold the
+  plain model (no ``module.`` prefix; :func:`unwrap` strips one anyway) and load at any world size.
+* **BatchNorm**: inside the training loops (:func:`replicated`) every ``nn.BatchNorm1d/2d/3d`` in
+  train mode normalises with the statistics of the *global* batch (``distributed.sync_bn``,
+  default true). ``torch.nn.SyncBatchNorm`` refuses CPU tensors (torch 2.13: "SyncBatchNorm
+  expected input tensor to be on GPU"), so the sync is implemented here for every device
+  (``_SyncBNFunction``): one all-reduce in the forward (per-channel sum, sum of squares and
+  count, in float64) and one in the backward (per-channel sums of dy and dy·x̂), the exact
+  gradient of the global-batch normalisation. Running statistics use the global mean and
+  unbiased variance.
+  The modules are switched by changing their class for the duration of the loop and switched
+  back afterwards (same objects, parameters, buffers and hooks; ``state_dict`` keys unchanged),
+  so pruning and saved checkpoints only ever see plain ``nn.BatchNorm2d``.
+* **dropout**: ``nn.Dropout``/``nn.Dropout2d`` in train mode draw the mask of the global batch from
+  the global generator (seeded identically on every rank) and keep their rank's slice, so the
+  masks, and the generator's consumption, are those of the 1-process run.
+
+Evaluation runs **sharded**: each rank evaluates a contiguous slice of the eval set
+(:func:`eval_loader`, a :class:`RankShard` dataset) and the confusion matrix (segmentation) or
+the correct/seen counts (classification) are all-reduced (exact integers), see
+``engine.evaluate``. Latency is measured on rank 0 only.
+
+Files: only rank 0 writes (stage files, ``partial.safetensors``, logs, metrics); the other ranks
+wait at :func:`barrier` and read what rank 0 wrote, so the run folder must be on a file system
+every node sees (checked at start-up).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset
+
+__all__ = ["launched", "launch", "init", "teardown", "active", "is_main", "rank", "world", "device", "barrier",
+           "all_true", "broadcast_object", "broadcast_module", "gather_object", "ShardedBatchSampler", "shard_sizes",
+           "train_loader", "RankShard", "eval_loader", "is_sharded", "sum_over_ranks", "global_count", "sync_grads",
+           "mean_over_ranks", "replicated", "unwrap", "state_digest", "to_device"]
+
+_STATE = {"rank": 0, "world": 1, "local_rank": 0, "device": torch.device("cpu"), "sync_bn": True, "owner": False}
+
+
+def launched() -> bool:
+    """True when the process was started by ``torchrun`` (``WORLD_SIZE`` and ``RANK`` are set)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init(backend: str | None = None, timeout_s: float = 1800, sync_bn: bool = True, use_cuda: bool | None = None) -> bool:
+    """Start the process group from the ``torchrun`` environment; False (and nothing done) without it.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"``, ...; ``None`` = nccl when CUDA is used, else gloo.
+        timeout_s: collective timeout in seconds (a rank that waits longer fails).
+        sync_bn: global-batch BatchNorm statistics in the training loops (:func:`replicated`).
+        use_cuda: put rank r on ``cuda:LOCAL_RANK``; ``None`` = when CUDA is available.
+    """
+    if not launched():
+        return False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() if use_cuda is None else bool(use_cuda)
+    dev = torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    backend = backend or ("nccl" if cuda else "gloo")
+    if not dist.is_initialized():
+        kw = {"device_id": dev} if dev.type == "cuda" and backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)), **kw)
+        _STATE["owner"] = True
+    _STATE.update(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, device=dev, sync_bn=bool(sync_bn))
+    return True
+
+
+def teardown() -> None:
+    """Destroy the process group started by :func:`init` (if any) and reset to world size 1."""
+    if _STATE["owner"] and dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE.update(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sync_bn=True, owner=False)
+
+
+@contextlib.contextmanager
+def launch(cfg: dict | None):
+    """``with launch(cfg["distributed"]):`` init from the environment (if launched), teardown on exit."""
+    cfg = cfg or {}
+    dev = cfg.get("device")
+    started = init(cfg.get("backend"), cfg.get("timeout_s", 1800), cfg.get("sync_bn", True),
+                   None if dev is None else dev == "cuda")
+    try:
+        yield started
+    finally:
+        if started:
+            teardown()
+
+
+def world() -> int:
+    return int(_STATE["world"])
+
+
+def rank() -> int:
+    return int(_STATE["rank"])
+
+
+def active() -> bool:
+    """True with more than one process: the only case in which anything is communicated."""
+    return _STATE["world"] > 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that writes files and prints."""
+    return _STATE["rank"] == 0
+
+
+def device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when launched with CUDA, else CPU."""
+    return _STATE["device"]
+
+
+def to_device(*tensors: torch.Tensor, like: torch.Tensor | None = None):
+    """Move tensors to ``like``'s device (CPU tensors to a CPU model: unchanged objects)."""
+    dev = like.device if like is not None else device()
+    if dev.type == "cpu":
+        return tensors
+    return tuple(t.to(dev, non_blocking=True) for t in tensors)
+
+
+def _comm_device() -> torch.device:
+    """Device of tensors handed to the backend (nccl needs CUDA tensors)."""
+    return _STATE["device"] if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    """All ranks wait for each other (no-op in a single process)."""
+    if active():
+        if _comm_device().type == "cuda":
+            dist.barrier(device_ids=[_STATE["local_rank"]])
+        else:
+            dist.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True if ``flag`` is true on every rank (a MIN all-reduce); ``flag`` in a single process."""
+    if not active():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (pickled; small objects only)."""
+    if not active():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=_comm_device() if _comm_device().type == "cuda" else None)
+    return box[0]
+
+
+def gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
+    if not active():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Overwrite every parameter and buffer of ``module`` with rank ``src``'s (in place)."""
+    if not active():
+        return
+    comm = _comm_device()
+    for t in module.state_dict().values():
+        if not isinstance(t, torch.Tensor):
+            continue
+        buf = t.detach().to(comm).contiguous()
+        dist.broadcast(buf, src=src)
+        if buf.data_ptr() != t.data_ptr():
+            t.copy_(buf)
+
+
+def state_digest(tensors: Iterable[torch.Tensor], *scalars: float) -> str:
+    """SHA-256 (16 hex digits) of the bytes of ``tensors`` and the ``repr`` of ``scalars``: equal
+    digests on two ranks mean bitwise-identical values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for s in scalars:
+        h.update(repr(float(s)).encode())
+    return h.hexdigest()[:16]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module of a ``DistributedDataParallel`` wrapper (``model`` itself otherwise), so
+    that saved keys never carry a ``module.`` prefix."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def shard_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` contiguous slices of ``n`` items (the first ``n % parts`` one larger)."""
+    base, extra = divmod(int(n), int(parts))
+    return [base + (1 if i < extra else 0) for i in range(int(parts))]
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Rank ``rank``'s slice of every global batch of the 1-process training loader.
+
+    The global batches are those of ``DataLoader(ds, batch_size=B, shuffle=True, drop_last=...,
+    generator=gen)``: a ``RandomSampler`` on ``gen`` (one ``randperm`` per epoch, drawn lazily,
+    plus the trailing empty draw torch makes when the permutation is exhausted) batched by a
+    ``BatchSampler``; the DataLoader built by :func:`train_loader` draws its worker base seed from
+    the same generator first, as the 1-process loader does. So ``gen`` advances exactly as in the
+    1-process run, and ``LoaderCursor`` can save/restore it. Rank r gets items
+    ``[sum(sizes[:r]), sum(sizes[:r+1]))`` of each batch, ``sizes = shard_sizes(len(batch), world)``.
+
+    Raises (on iteration):
+        RuntimeError: a global batch too small to give every rank at least one item.
+    """
+
+    def __init__(self, batch_sampler: BatchSampler, rank: int, world: int):
+        if not 0 <= int(rank) < int(world):
+            raise ValueError(f"rank {rank} outside [0, {world})")
+        self.batch_sampler, self.rank, self.world = batch_sampler, int(rank), int(world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            sizes = shard_sizes(len(batch), self.world)
+            if min(sizes) == 0:
+                raise RuntimeError(f"a global batch of {len(batch)} samples cannot be split over {self.world} processes")
+            start = sum(sizes[:self.rank])
+            yield list(batch[start:start + sizes[self.rank]])
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+def train_loader(ds: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank_: int | None = None,
+                 world_: int | None = None) -> DataLoader:
+    """This rank's shuffled training loader at global batch ``batch_size`` (see :class:`ShardedBatchSampler`).
+
+    ``loader.generator`` is the seeded generator of the global order (as in ``make_loader``).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    drop_last = len(ds) >= batch_size
+    bs = BatchSampler(RandomSampler(ds, generator=gen), int(batch_size), drop_last)
+    r = rank() if rank_ is None else int(rank_)
+    w = world() if world_ is None else int(world_)
+    return DataLoader(ds, batch_sampler=ShardedBatchSampler(bs, r, w), num_workers=num_workers, generator=gen)
+
+
+class RankShard(Subset):
+    """A contiguous slice of an eval dataset held by one rank; metrics over it are all-reduced."""
+
+
+def eval_loader(ds: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Ordered eval loader over this rank's contiguous slice of ``ds`` (a :class:`RankShard`)."""
+    sizes = shard_sizes(len(ds), world())
+    start = sum(sizes[:rank()])
+    return DataLoader(RankShard(ds, range(start, start + sizes[rank()])), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers)
+
+
+def is_sharded(loader) -> bool:
+    """True for a loader of :func:`eval_loader` in a multi-process run (its metric must be all-reduced)."""
+    return active() and isinstance(getattr(loader, "dataset", None), RankShard)
+
+
+# ---- reductions ----------------------------------------------------------------------------------
+def global_count(n) -> float | None:
+    """Sum over ranks of a count (a number or a 0-d tensor); ``None`` in a single process.
+
+    Used as the denominator of a rank's summed loss, so that the losses add up to the 1-process mean.
+    """
+    if not active():
+        return None
+    t = torch.as_tensor(n, dtype=torch.float64).detach().reshape(1).to(_comm_device())
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks, a new tensor of ``x``'s dtype and device (a copy of ``x`` in a single process)."""
+    y = x.detach().to(_comm_device(), copy=True)
+    if active():
+        dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ranks (``x`` itself in a single process); ``x``'s dtype and device kept."""
+    if not active():
+        return x
+    y = x.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(y)
+    return (y / world()).to(x.device, x.dtype)
+
+
+def _grad_params(params) -> list[torch.Tensor]:
+    if isinstance(params, torch.optim.Optimizer):
+        params = [p for g in params.param_groups for p in g["params"]]
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+@torch.no_grad()
+def sync_grads(params, *values) -> list[float]:
+    """Sum ``p.grad`` over ranks in place for every parameter of ``params`` (an optimizer or an
+    iterable) that has one, and sum ``values`` (numbers or 0-d tensors, e.g. a rank's loss share);
+    return the summed values as floats.
+
+    Parameters whose ``.grad`` is ``None`` are skipped (as SGD skips them), on every rank alike:
+    all ranks run the same code on the same model. A rank whose set of gradients differs (another
+    model or code path) is detected before any gradient is sent and stops every rank.
+
+    In a single process: nothing is changed and ``values`` are returned as floats.
+    """
+    vals = [float(v) for v in values]
+    if not active():
+        return vals
+    ps = [p for p in _grad_params(params) if p.grad is not None]
+    numel = sum(p.grad.numel() for p in ps)
+    comm = _comm_device()
+    head = torch.tensor(vals + [float(len(ps)), float(numel)], dtype=torch.float64, device=comm)
+    check = torch.tensor([float(len(ps)), float(numel)], dtype=torch.float64, device=comm)
+    dist.all_reduce(head)
+    lo = check.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if not torch.equal(lo * world(), head[-2:]):
+        raise RuntimeError("sync_grads: the ranks hold different sets of gradients (not the same model/code path)")
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p in ps:
+        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for (dtype, dev), group in buckets.items():
+        flat = torch.cat([p.grad.reshape(-1) for p in group]).to(comm)
+        dist.all_reduce(flat)
+        flat = flat.to(dev)
+        i = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[i:i + n].view_as(p.grad))
+            i += n
+    return [float(v) for v in head[:len(vals)].tolist()]
+
+
+# ---- BatchNorm sync and rank-sliced dropout inside the training loops ------------------------------
+class _SyncBNFunction(torch.autograd.Function):
+    """Train-mode BatchNorm over the global batch: one all-reduce in the forward (per-channel sum,
+    sum of squares and count, float64) and one in the backward (per-channel sums of dy and dy·x̂),
+    as ``torch.nn.SyncBatchNorm`` does on GPUs. Returns (y, batch mean, biased batch variance,
+    global count per channel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        c = x.shape[1]
+        xd = x.detach().to(torch.float64, copy=True)  # a copy even for a float64 x (squared in place below)
+        n_local = xd.numel() // max(1, c)
+        stats = torch.cat([xd.sum(dims), xd.square_().sum(dims), xd.new_tensor([float(n_local)])])
+        del xd
+        comm = _comm_device()
+        stats = stats.to(comm)
+        dist.all_reduce(stats)
+        stats = stats.to(x.device)
+        n = stats[-1]  # a tensor: no host synchronisation on a GPU
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)  # float64: no cancellation worth the name
+        invstd = torch.rsqrt(var + eps).to(x.dtype)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
+        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(xhat, invstd, weight, n)
+        ctx.dims, ctx.shape = dims, shape
+        count = stats[-1:].clone()
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var, _count):
+        xhat, invstd, weight, n = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        sum_dy = dy.sum(dims)
+        sum_dy_xhat = (dy * xhat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:  # the same on every rank (same graph): the collective stays matched
+            g = torch.cat([sum_dy, sum_dy_xhat]).double().to(_comm_device())
+            dist.all_reduce(g)
+            g = g.to(dy.device)
+            c = sum_dy.numel()
+            mean_dy, mean_dy_xhat = (g[:c] / n).to(dy.dtype), (g[c:] / n).to(dy.dtype)
+            scale = invstd if weight is None else invstd * weight
+            dx = (dy - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * scale.view(shape)
+        has_w = weight is not None
+        return (dx, sum_dy_xhat if has_w and ctx.needs_input_grad[1] else None,
+                sum_dy if has_w and ctx.needs_input_grad[2] else None, None)
+
+
+class _SyncBNMixin:
+    """Train-mode forward of a BatchNorm with the global batch's statistics (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and active() and _STATE["sync_bn"]):
+            return super().forward(x)
+        self._check_input_dim(x)
+        eaf = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            eaf = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        y, mean, var, count = _SyncBNFunction.apply(x, self.weight if self.affine else None,
+                                                    self.bias if self.affine else None, float(self.eps))
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                n = count.clamp_min(2.0)
+                self.running_mean.mul_(1.0 - eaf).add_(mean.to(self.running_mean.dtype), alpha=eaf)
+                self.running_var.mul_(1.0 - eaf).add_((var * n / (n - 1.0)).to(self.running_var.dtype), alpha=eaf)
+        return y
+
+
+class _SlicedDropoutMixin:
+    """Train-mode dropout whose mask is rank r's slice of the global batch's mask."""
+
+    feature = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = float(self.p)
+        if not (self.training and active()) or p in (0.0, 1.0) or x.numel() == 0:
+            return super().forward(x)  # no mask is drawn in these cases
+        n, w, r = x.shape[0], world(), rank()
+        shape = [n * w] + (list(x.shape[1:2]) + [1] * (x.dim() - 2) if self.feature else list(x.shape[1:]))
+        noise = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)[r * n:(r + 1) * n]
+        noise.div_(1.0 - p)
+        return x.mul_(noise) if self.inplace else x * noise
+
+
+_SWAPS: dict[type, type] = {}
+
+
+def _swapped(cls: type) -> type | None:
+    if cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        mixin, attrs = _SyncBNMixin, {}
+    elif cls is nn.Dropout:
+        mixin, attrs = _SlicedDropoutMixin, {"feature": False}
+    elif cls is nn.Dropout2d:
+        mixin, attrs = _SlicedDropoutMixin, {"feature": True}
+    else:
+        return None
+    if cls not in _SWAPS:
+        _SWAPS[cls] = type(f"Replicated{cls.__name__}", (mixin, cls), attrs)
+    return _SWAPS[cls]
+
+
+@contextlib.contextmanager
+def replicated(*modules: nn.Module):
+    """Inside: the BatchNorms (``nn.BatchNorm1d/2d/3d``, exact types) of ``modules`` use global-batch
+    statistics in train mode (if ``distributed.sync_bn``) and ``nn.Dropout``/``nn.Dropout2d`` draw
+    rank-sliced global masks. The modules keep their identity, parameters, buffers, hooks and
+    ``state_dict`` keys; their classes are restored on exit (also on errors). Subclasses of these
+    layers (a user's own BatchNorm) are left alone. No-op in a single process.
+    """
+    if not active():
+        yield
+        return
+    changed: list[tuple[nn.Module, type]] = []
+    try:
+        for root in modules:
+            for m in root.modules():
+                new = _swapped(type(m))
+                if new is not None:
+                    changed.append((m, type(m)))
+                    m.__class__ = new
+        yield
+    finally:
+        for m, cls in changed:
+            m.__class__ = cls
