@@ -84,12 +84,13 @@ def _method_state(name, meth, model):
     return {}
 
 
+@pytest.mark.parametrize("stop_at", [5, 6])  # mid-epoch (checkpoint at 4); right at an epoch's end (6 = 2 x 3)
 @pytest.mark.parametrize("name", sorted(CFGS))
-def test_interrupted_and_resumed_equals_uninterrupted(name, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_equals_uninterrupted(name, stop_at, tmp_path, monkeypatch):
     straight, m_straight = _train(name, tmp_path / "a" / "partial.safetensors", monkeypatch)
     part = tmp_path / "b" / "partial.safetensors"
     with pytest.raises(Interrupted):
-        _train(name, part, monkeypatch, stop_at=5)   # 9 iterations; checkpoints at 2 and 4
+        _train(name, part, monkeypatch, stop_at=stop_at)   # 9 iterations, 3 per epoch; checkpoints every 2
     assert part.is_file()
     resumed, m_resumed = _train(name, part, monkeypatch)
     a, b = straight.state_dict(), resumed.state_dict()

@@ -67,6 +67,10 @@ class LoaderCursor:
     ``batches(epoch, skip)`` calls ``dataset.set_epoch(epoch)``, records (or, when resuming,
     restores) the loader generator's state at the epoch start, and yields the epoch's batches
     after skipping ``skip`` of them (those are loaded and dropped; their order is unchanged).
+    A loop resumed from a checkpoint taken after the last batch of an epoch must still call
+    ``batches(epoch, skip)`` and consume it as an uninterrupted loop would: that replays the
+    epoch's draws from the generator, so the next epoch gets the order it would have had (skipping
+    the call instead repeats the previous epoch's order).
     Without a resume it yields exactly what ``for x in loader`` yields.
     """
 

@@ -131,7 +131,7 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
             if epoch != start_epoch:
                 sums, skip = {}, 0
             bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{epochs}", initial=skip)
-            for i, (x, y) in enumerate(cursor.batches(epoch, skip) if skip < n_it else (), start=skip):
+            for i, (x, y) in enumerate(cursor.batches(epoch, skip), start=skip):
                 if i >= n_it:
                     break
                 x, y = ddp.to_device(x, y, like=like)  # CPU model: the same tensors

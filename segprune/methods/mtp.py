@@ -309,7 +309,7 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
             if epoch != start_epoch:
                 skip, lc, ls = 0, 0.0, 0.0
             bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}", initial=skip)
-            for i, (x2, y2) in enumerate(seg.batches(epoch, skip) if skip < n_it else (), start=skip):
+            for i, (x2, y2) in enumerate(seg.batches(epoch, skip), start=skip):
                 if i >= n_it:
                     break
                 x1, y1 = next(cls_iter)
