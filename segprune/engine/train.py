@@ -123,6 +123,7 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         if extra is not None:
             extra.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}, str(ckpt.path))
         torch.set_rng_state(tensors["rng.torch"])  # dropout draws from the global generator
+        lr = lr_at(max(0, it - 1), total)  # the last rate applied (reported if the epoch is already complete)
         log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
     out: dict = {}
     like = next(net.parameters(), None)
