@@ -9,34 +9,17 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import TensorDataset
 
 import segprune.engine.train as train_mod
 from segprune.checkpoint import CheckpointError, load_state_dict
 from segprune.engine.log import StageLog
 from segprune.engine.resume import StageCheckpoint
-from segprune.engine.train import make_loader
 from segprune.methods import METHODS, build_method
-from segprune.pruning.groups import PruneUnit
 
 
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(12)
-        self.conv2 = nn.Conv2d(12, 10, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(10)
-        self.conv3 = nn.Conv2d(10, 3, 1)
+# the toy network and units of the ACoSP tests: conv1(3->12)-bn1 -> conv2(12->10)-bn2 -> conv3
+from test_acosp import UNITS, Toy, _loader as _acosp_loader  # noqa: E402
 
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.conv3(F.relu(self.bn2(self.conv2(x))))
-
-
-UNITS = [PruneUnit("conv1", "backbone", ["conv1"], ["bn1"], 12), PruneUnit("conv2", "decoder", ["conv2"], ["bn2"], 10)]
 BASE = {"epochs": 3, "lr_seg": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "max_iters_per_epoch": 3}
 CFGS = {
     "slimming": {"name": "slimming", "alpha": 0.01},
@@ -51,9 +34,7 @@ class Interrupted(Exception):
 
 
 def _loader():
-    g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 3, (6, 8, 8), generator=g))
-    return make_loader(ds, 2, True, 0)
+    return _acosp_loader(n=6)  # 6 random 8x8 images, 3 classes, batch 2: 3 iterations per epoch
 
 
 def _train(name, ckpt_path, monkeypatch, stop_at=None, cfg=None):
