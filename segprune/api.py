@@ -387,8 +387,6 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             raise ValueError(f"target_flops_ratio={target_flops_ratio!r} must lie in (0, 1), e.g. 0.5")
         if not isinstance(flops_tolerance, (int, float)) or not flops_tolerance > 0:
             raise ValueError(f"flops_tolerance={flops_tolerance!r} must be > 0")
-        if method == "acosp":
-            raise ValueError("ACoSP cannot follow a FLOPs target (its k is fixed at training time); use keep_ratio")
     if threshold_mode not in ("ind", "uni"):
         raise ValueError(f"threshold_mode={threshold_mode!r} must be 'ind' or 'uni'")
     if not isinstance(min_channels, int) or min_channels < 1:
@@ -464,6 +462,13 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             def select(p):
                 return select_channels(scores, unit_part, p, threshold_mode, min_channels)
         else:
+            fixed_search = None
+            if target_flops_ratio is not None and meth.widths_fixed_in_training:  # ACoSP: widths before training
+                from .pipeline import search_training_keep_ratio
+                fixed_search = search_training_keep_ratio(
+                    work, units, lambda p: meth.fixed_widths(units, p, min_channels), float(target_flops_ratio),
+                    float(flops_tolerance), size, log=lg.write, flops_unpruned=flops0)
+                meth.set_training_keep_ratio(fixed_search["keep_ratio_found"])
             sparsity = meth.train(work, units, seg_loader, cls_loader, ignore_index, lg) or {}
             scores = meth.scores(work, units, calib_loader=calib) if target_flops_ratio is not None else None
 
@@ -477,6 +482,10 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         lg = log("prune")
         flops_target = None
         if target_flops_ratio is None:
+            kept = select(keep_ratio)
+        elif meth is not None and fixed_search is not None:  # widths were fixed before training
+            flops_target = dict(fixed_search)
+            keep_ratio = flops_target["keep_ratio_found"]
             kept = select(keep_ratio)
         else:
             from .pipeline import search_keep_ratio

@@ -42,14 +42,14 @@ from .engine.log import StageLog
 from .engine.profile import count_flops, profile_model
 from .engine.resume import StageCheckpoint
 from .engine.train import make_loader, train_classification, train_segmentation
-from .methods.base import build_method, method_config
+from .methods.base import build_method, method_class, method_config
 from .methods.mtp import run_mtp
 from .models import build_model
 from .pruning import (apply_widths, build_graph, discover_units, layer_widths, prune_channels, round_kept, select_channels,
                       unit_gammas, widths_spec)
 
 __all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed",
-           "search_keep_ratio", "pruned_flops", "stage_dir"]
+           "search_keep_ratio", "search_training_keep_ratio", "pruned_flops", "stage_dir"]
 
 STAGES = ("pretrain_cls", "train_seg", "sparsity", "prune", "finetune_cls", "finetune_seg", "evaluate")
 ARCH_FORMAT = "segprune-arch/1"
@@ -116,7 +116,8 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
     so a finished stage can be shared between them (``Pipeline(share=...)``, the sweep runner):
     the classification pre-training and the baseline depend on model, data, ``train`` and
     :func:`baseline_seed`; sparsity training adds ``method``, ``seed`` and which groups are
-    prunable; pruning adds ``prune`` (with ``target_flops_ratio`` and ``flops_tolerance`` only when a
+    prunable (and, for a method whose widths are fixed before training, ACoSP, the FLOPs target);
+    pruning adds ``prune`` (with ``target_flops_ratio`` and ``flops_tolerance`` only when a
     FLOPs target is set); each fine-tuning adds its own section; evaluation ``eval``.
     """
     data = {sec: {k: v for k, v in d.items() if k not in _DATA_IGNORED} for sec, d in cfg["data"].items()}
@@ -130,6 +131,11 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
         "finetune_seg": {"finetune": cfg["finetune"]["seg"]},
         "evaluate": {"eval": _eval_fingerprint(cfg["eval"]), "split": cfg["data"]["seg"]["eval_split"]},
     }
+    if cfg["prune"].get("target_flops_ratio") is not None and \
+            getattr(method_class(cfg["method"]["name"]), "widths_fixed_in_training", False):
+        # ACoSP trains for the widths the FLOPs target gives: the target enters its sparsity stage
+        parts["sparsity"]["flops_target"] = {k: cfg["prune"].get(k) for k in
+                                             ("target_flops_ratio", "flops_tolerance", "min_channels")}
     out, prev = {}, ""
     for stage in STAGES:
         blob = json.dumps({"prev": prev, **parts[stage]}, sort_keys=True, default=str)
@@ -226,6 +232,31 @@ def search_keep_ratio(model: nn.Module, units: list, select, target: float, tole
     return {"kept": kept, "target_flops_ratio": target, "flops_tolerance": tolerance, "keep_ratio_found": p,
             "flops_ratio_achieved": r, "flops_target_met": met, "flops_unpruned": f0, "flops_pruned": flops,
             "flops_probes": probes}
+
+
+def search_training_keep_ratio(model: nn.Module, units: list, widths, target: float, tolerance: float,
+                               input_size: tuple[int, int], log=None, flops_unpruned: int | None = None) -> dict:
+    """FLOPs target for a method whose widths are fixed *before* training (ACoSP's k per unit).
+
+    Such a method cannot bisect its selection after training: the learned masks only make sense
+    for the k they were trained with. The widths depend on the keep ratio alone, not on which
+    channels are kept, so the same bisection as :func:`search_keep_ratio` runs on the untrained
+    network, each probe keeping the first ``widths(p)[name]`` channels of every unit.
+
+    Args:
+        widths: ``widths(p) -> {unit name: channels kept}``, non-decreasing in p (ACoSP:
+            ``acosp_k(C, p, min_keep)``, floored at ``prune.min_channels``).
+        Other arguments and the return value: as :func:`search_keep_ratio`, without ``"kept"``;
+        ``keep_ratio_found`` is the keep ratio to train with.
+
+    Raises:
+        ValueError: as :func:`search_keep_ratio`.
+    """
+    def select(p):
+        return {n: torch.arange(int(k)) for n, k in widths(p).items()}
+    res = search_keep_ratio(model, units, select, target, tolerance, input_size, log=log, flops_unpruned=flops_unpruned)
+    res.pop("kept")
+    return res
 
 
 def save_model(stage_dir: Path, model: nn.Module, arch: dict) -> None:
@@ -438,6 +469,21 @@ class Pipeline:
         return (make_loader(self.seg_eval, d["seg"]["eval_batch_size"], False, 0, d["seg"]["num_workers"], shard=True),
                 make_loader(self.cls_eval, d["cls"]["eval_batch_size"], False, 0, d["cls"]["num_workers"], shard=True))
 
+    def _training_keep_ratio(self, meth, model: nn.Module, units: list, size: tuple[int, int], log) -> dict | None:
+        """With ``prune.target_flops_ratio`` and a method whose widths are fixed before training
+        (ACoSP), search and set its training keep ratio (:func:`search_training_keep_ratio`);
+        returns the search record (None without a target or for other methods)."""
+        pr = self.cfg["prune"]
+        target = pr.get("target_flops_ratio")
+        if target is None or not meth.widths_fixed_in_training:
+            return None
+        log.write(f"FLOPs target {target:g} (tolerance {pr.get('flops_tolerance', 0.01):g}): {meth.name} fixes its "
+                  f"widths before training; searching its training keep ratio at input {size[0]}x{size[1]}")
+        res = search_training_keep_ratio(model, units, lambda p: meth.fixed_widths(units, p, pr["min_channels"]),
+                                         float(target), float(pr.get("flops_tolerance", 0.01)), size, log=log.write)
+        meth.set_training_keep_ratio(res["keep_ratio_found"])
+        return res
+
     def _load_or(self, stage: str):
         if self._done(stage) is None and self.share:
             if ddp.is_main():
@@ -517,7 +563,10 @@ class Pipeline:
             else:  # baselines: optional sparsity training, scores taken at the prune stage
                 seg_loader, cls_loader = self._loaders()
                 kw = {"ckpt": self._ckpt("sparsity")} if "ckpt" in inspect.signature(baseline_method.train).parameters else {}
+                search = self._training_keep_ratio(baseline_method, base, units, size, log)
                 info = baseline_method.train(base, units, seg_loader, cls_loader, ign, log, **kw) or {}
+                if search is not None:
+                    info["flops_search"] = search
                 scores = unit_gammas(base, units)
                 learned = baseline_method.trained_state()
                 if learned and ddp.is_main():  # e.g. SIRFP's redundancy EMAs: a resume after this stage scores with them
@@ -564,10 +613,25 @@ class Pipeline:
                 unrounded = sum(k.numel() for k in kept.values())
                 kept = round_kept(kept, rank, round_to)
                 flops_info = {"target_flops_ratio": None}
+            elif baseline_method is not None and baseline_method.widths_fixed_in_training:
+                # FLOPs target met before training (ACoSP's k): keep the widths searched in the sparsity stage
+                search = load_json(sparse_dir / "done.json").get("flops_search")
+                if not isinstance(search, dict) or "keep_ratio_found" not in search:
+                    raise CheckpointError(f"{sparse_dir / 'done.json'}: no 'flops_search' record, but "
+                                          f"prune.target_flops_ratio={target} is set and {method} fixes its widths "
+                                          "in training: delete that stage folder to re-run sparsity training with the target")
+                p_found = float(search["keep_ratio_found"])
+                baseline_method.set_training_keep_ratio(p_found)
+                calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
+                rank = baseline_method.scores(sparse, units, calib_loader=calib)
+                kept = baseline_method.select_from_scores(rank, units, p_found, pr["threshold_mode"], pr["min_channels"])
+                unrounded = sum(k.numel() for k in kept.values())
+                kept = round_kept(kept, rank, round_to)
+                log.write(f"FLOPs target {target:g}: widths fixed before sparsity training at keep ratio {p_found:.6f} "
+                          f"(FLOPs ratio {search['flops_ratio_achieved']:.4f} in that search); prune.keep_ratio is ignored")
+                flops_info = {k: search[k] for k in ("target_flops_ratio", "flops_tolerance", "keep_ratio_found",
+                                                     "flops_probes") if k in search}
             else:  # FLOPs target: score once, then bisect the keep ratio of the method's selection rule
-                if method == "acosp":  # validate() refuses this already; kept for configs built by hand
-                    raise ConfigError("prune.target_flops_ratio: ACoSP's k is fixed at training time "
-                                      "(method.options.keep_ratio); leave prune.target_flops_ratio null")
                 if method == "mtp":
                     def select(p, _s=scores):  # rounding inside the search: the target is met after rounding
                         return round_kept(select_channels(_s, parts, p, pr["threshold_mode"], pr["min_channels"]),

@@ -152,6 +152,20 @@ def test_other_methods_run_on_the_unet(method):
     assert res.model.eval()(_x()).shape == (2, K, S, S)
 
 
+def test_acosp_flops_target_fixes_widths_before_training():
+    """ACoSP under a FLOPs target: the training keep ratio is searched first, the kept widths are its k."""
+    from segprune.methods.acosp import acosp_k
+    seg, cls = _loaders()
+    res = prune_model(_unet(), "acosp", target_flops_ratio=0.5, flops_tolerance=0.05, parts=PARTS, never_prune=["head"],
+                      seg_loader=seg, input_size=(S, S), min_channels=1,
+                      method_cfg={"epochs": 1, "max_iters_per_epoch": 2, "options": {"min_keep": 1}})
+    r = res.report
+    assert abs(r["flops"]["ratio"] - 0.5) <= 0.05 and r["flops_target"]["flops_target_met"]
+    p = r["flops_target"]["keep_ratio_found"]
+    assert r["keep_ratio"] == p and r["sparsity"]["kept"] == sum(u["kept"] for u in r["units"].values())
+    assert all(u["kept"] == acosp_k(u["channels"], p, 1) for u in r["units"].values())
+
+
 def test_flops_target_and_custom_cls_forward(tmp_path):
     seg, cls = _loaders()
     res = prune_model(_unet(), "mtp", target_flops_ratio=0.5, flops_tolerance=0.05, parts=PARTS, never_prune=["head"],

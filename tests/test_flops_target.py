@@ -138,9 +138,11 @@ def test_config_defaults_and_bad_values():
     with pytest.raises(ConfigError) as exc:  # both listed at once
         load_config(None, ["prune.target_flops_ratio=2", "prune.flops_tolerance=0"])
     assert "prune.target_flops_ratio" in str(exc.value) and "prune.flops_tolerance" in str(exc.value)
-    with pytest.raises(ConfigError, match=r"method\.options\.keep_ratio"):  # ACoSP's k is fixed at training time
-        load_config(None, ["method.name=acosp", "prune.target_flops_ratio=0.5"])
-    load_config(None, ["method.name=acosp"])  # without a target ACoSP is fine
+    # ACoSP finds its training keep ratio from the target: a keep ratio given as well is a contradiction
+    load_config(None, ["method.name=acosp", "prune.target_flops_ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"method\.options\.keep_ratio"):
+        load_config(None, ["method.name=acosp", "prune.target_flops_ratio=0.5", "method.options={keep_ratio: 0.5}"])
+    load_config(None, ["method.name=acosp", "method.options={keep_ratio: 0.5}"])  # without a target: fine
 
 
 def test_fingerprints():
@@ -162,6 +164,59 @@ def test_fingerprints():
         for b in range(a + 1, 4):
             assert fps[a]["sparsity"] == fps[b]["sparsity"] and fps[a]["prune"] != fps[b]["prune"]
             assert fps[a]["evaluate"] != fps[b]["evaluate"]
+
+
+def test_fingerprints_acosp_target_enters_its_sparsity_stage():
+    """ACoSP trains for the widths the target gives, so the target changes its sparsity stage; not so for others."""
+    fp = {}
+    for meth in ("acosp", "slimming"):
+        for t in (None, 0.5, 0.6):
+            cfg = load_config(None, [f"method.name={meth}"] + ([f"prune.target_flops_ratio={t}"] if t else []))
+            fp[meth, t] = stage_fingerprints(cfg)["sparsity"]
+    assert len({fp["acosp", t] for t in (None, 0.5, 0.6)}) == 3
+    assert len({fp["slimming", t] for t in (None, 0.5, 0.6)}) == 1
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_acosp_training_keep_ratio_search(target):
+    """The searched keep ratio's ACoSP widths (acosp_k per unit) prune to the target within tolerance."""
+    from segprune.methods.acosp import acosp_k
+    from segprune.pipeline import search_training_keep_ratio
+    m, units = _toy()
+    meth = build_method({"name": "acosp", "options": {"min_keep": 2}})
+    res = search_training_keep_ratio(m, units, lambda p: meth.fixed_widths(units, p, 1), target, TOL, SIZE)
+    assert res["flops_target_met"] and abs(res["flops_ratio_achieved"] - target) <= TOL and "kept" not in res
+    p = res["keep_ratio_found"]
+    widths = meth.fixed_widths(units, p, 1)
+    assert widths == {u.name: acosp_k(u.channels, p, 2) for u in units}
+    kept = {n: torch.arange(k) for n, k in widths.items()}
+    assert abs(_independent_ratio(m, units, kept) - target) <= TOL
+    # a lower p would give fewer FLOPs: the widths grow with p
+    lower = meth.fixed_widths(units, p / 2, 1)
+    assert all(lower[n] <= widths[n] for n in widths) and sum(lower.values()) < sum(widths.values())
+
+
+def test_acosp_pipeline_meets_target_with_the_trained_widths(tmp_path):
+    """Through the pipeline: the widths are fixed before sparsity training, the masks are trained for
+    them, and the prune stage keeps as many channels per unit as the hard masks did."""
+    from segprune.methods.acosp import acosp_k
+    cfg = copy.deepcopy(TINY)
+    cfg["method"].update({"name": "acosp", "options": {"min_keep": 1, "end_epoch_frac": 0.5}})
+    cfg["prune"].update({"target_flops_ratio": 0.5, "min_channels": 1})
+    p = tmp_path / "acosp.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    sp = json.loads((out / "stages/03_sparsity/done.json").read_text())
+    pr = json.loads((out / "stages/04_prune/done.json").read_text())
+    p_found = sp["flops_search"]["keep_ratio_found"]
+    assert pr["keep_ratio_found"] == p_found and pr["target_flops_ratio"] == 0.5
+    assert pr["flops_target_met"] and abs(pr["flops_ratio_achieved"] - 0.5) <= TOL
+    units = json.loads((out / "stages/04_prune/arch.json").read_text())["widths"]["units"]
+    assert all(u["kept"] == acosp_k(u["channels"], p_found, 1) for u in units.values())
+    assert sp["kept"] == sum(u["kept"] for u in units.values())  # the hard masks kept those counts
+    assert "widths fixed before sparsity training" in (out / "logs/prune.log").read_text()
+    assert "searching its training keep ratio" in (out / "logs/sparsity.log").read_text()
 
 
 # ---- through the pipeline ----------------------------------------------------------------------

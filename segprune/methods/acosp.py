@@ -179,7 +179,8 @@ class ACoSP(PruningMethod):
     Config keys (``method:``): epochs, lr_seg, momentum, weight_decay, max_iters_per_epoch.
     Options (``method.options``): ``keep_ratio`` (fraction p of channels each unit keeps during
     training; None = 0.5; set it equal to ``prune.keep_ratio``: the pipeline passes the latter only
-    to :meth:`select`), ``min_keep`` (8), ``tau_start`` (1.0), ``tau_end`` (1e-3),
+    to :meth:`select`; with ``prune.target_flops_ratio`` leave it None: the pipeline then searches
+    the keep ratio whose widths meet the target before training, see :meth:`fixed_widths`), ``min_keep`` (8), ``tau_start`` (1.0), ``tau_end`` (1e-3),
     ``end_epoch_frac`` (0.75: the mask becomes hard after this fraction of the epochs; 1.0 = only
     at the very end), ``lr_logits`` (None = ``lr_seg``).
 
@@ -189,6 +190,7 @@ class ACoSP(PruningMethod):
 
     name = "acosp"
     per_layer = True
+    widths_fixed_in_training = True  # k per unit is set before training; a FLOPs target picks keep_ratio first
     OPTIONS = {"keep_ratio": None, "min_keep": 8, "tau_start": 1.0, "tau_end": 1e-3, "end_epoch_frac": 0.75,
                "lr_logits": None}
     config_keys = ("epochs", "lr_seg", "momentum", "weight_decay", "max_iters_per_epoch")
@@ -234,6 +236,27 @@ class ACoSP(PruningMethod):
         """Unit name -> k = ``acosp_k(C, keep_ratio, min_keep)`` (default: the training keep ratio)."""
         p = self.keep_ratio if keep_ratio is None else keep_ratio
         return {u.name: acosp_k(u.channels, p, self.min_keep) for u in units}
+
+    def fixed_widths(self, units: list[PruneUnit], keep_ratio: float, min_channels: int = 1) -> dict[str, int]:
+        """Unit name -> channels :meth:`select` keeps at ``keep_ratio``: ``max(acosp_k(C, p, min_keep), min(min_channels, C))``.
+
+        Depends on p and the unit widths only (not on the learned logits), so the pipeline can
+        search the keep ratio of a FLOPs target on the untrained network
+        (``pipeline.search_training_keep_ratio``).
+
+        Raises:
+            ValueError: keep_ratio outside (0, 1).
+        """
+        p = check_keep_ratio(keep_ratio)
+        return {u.name: max(acosp_k(u.channels, p, self.min_keep), min(int(min_channels), u.channels)) for u in units}
+
+    def set_training_keep_ratio(self, keep_ratio: float) -> None:
+        """Train the masks for ``keep_ratio`` instead of ``method.options.keep_ratio`` (FLOPs target).
+
+        Raises:
+            ValueError: keep_ratio outside (0, 1).
+        """
+        self.keep_ratio = check_keep_ratio(keep_ratio)
 
     def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
               ckpt=None) -> dict:
@@ -370,10 +393,21 @@ class ACoSP(PruningMethod):
         if self.logits is not None and abs(p - self.keep_ratio) > 1e-12:
             warnings.warn(f"acosp: select keep_ratio {p:g} differs from the training keep ratio {self.keep_ratio:g} "
                           "(method.options.keep_ratio); the kept sets differ from the learned masks", stacklevel=2)
-        scores = self.scores(model, units, calib_loader)
+        return self.select_from_scores(self.scores(model, units, calib_loader), units, p, threshold_mode, min_channels)
+
+    def select_from_scores(self, scores: dict[str, torch.Tensor], units: list[PruneUnit], keep_ratio: float,
+                           threshold_mode: str = "ind", min_channels: int = 1) -> dict[str, torch.Tensor]:
+        """:meth:`select` on precomputed ``scores`` (unit name -> (C,)): each unit keeps its
+        :meth:`fixed_widths` highest-scoring channels (ties: lower index); no warning.
+
+        Raises:
+            ValueError: keep_ratio outside (0, 1) or min_channels < 1.
+        """
+        if int(min_channels) < 1:
+            raise ValueError(f"prune.min_channels={min_channels!r} must be >= 1")
+        widths = self.fixed_widths(units, keep_ratio, min_channels)
         kept = {}
         for u in units:
-            k = max(acosp_k(u.channels, p, self.min_keep), min(int(min_channels), u.channels))
-            top = torch.argsort(scores[u.name].flatten().double(), descending=True, stable=True)[:k]
+            top = torch.argsort(scores[u.name].flatten().double(), descending=True, stable=True)[:widths[u.name]]
             kept[u.name] = torch.sort(top).values
         return kept

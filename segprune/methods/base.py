@@ -20,7 +20,8 @@ from torch import nn
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import check_keep_ratio, select_channels
 
-__all__ = ["PruningMethod", "per_layer_select", "METHODS", "register_method", "build_method", "method_config"]
+__all__ = ["PruningMethod", "per_layer_select", "METHODS", "register_method", "build_method", "method_class",
+           "method_config"]
 
 
 def per_layer_select(scores: dict[str, torch.Tensor], keep_ratio: float, min_channels: int = 1) -> dict[str, torch.Tensor]:
@@ -67,6 +68,11 @@ class PruningMethod:
     #: the ``method:`` keys this method reads (they enter the stage fingerprints, so that runs
     #: differing only in another method's options still share their stages)
     config_keys: tuple[str, ...] = ()
+    #: True when the widths are decided before :meth:`train` (ACoSP trains masks for a fixed k per
+    #: unit): a FLOPs target is then met by choosing the training keep ratio with
+    #: :meth:`fixed_widths` before training (``pipeline.search_training_keep_ratio``), not by
+    #: bisecting :meth:`select_from_scores` after it.
+    widths_fixed_in_training: bool = False
 
     def __init__(self, cfg: dict):
         self.cfg = dict(cfg or {})
@@ -101,6 +107,22 @@ class PruningMethod:
         """
         return None
 
+    def fixed_widths(self, units: list[PruneUnit], keep_ratio: float, min_channels: int = 1) -> dict[str, int]:
+        """Unit name -> channels kept at ``keep_ratio``, for methods with :attr:`widths_fixed_in_training`.
+
+        Raises:
+            NotImplementedError: the method's widths follow from its scores (the default).
+        """
+        raise NotImplementedError(f"{self.name}: widths are chosen after training, from the scores")
+
+    def set_training_keep_ratio(self, keep_ratio: float) -> None:
+        """Set the keep ratio :meth:`train` uses (methods with :attr:`widths_fixed_in_training`).
+
+        Raises:
+            NotImplementedError: the method's training does not depend on a keep ratio (the default).
+        """
+        raise NotImplementedError(f"{self.name}: training does not depend on a keep ratio")
+
     def after_prune(self, model: nn.Module, log=None) -> None:
         """Optional change to the physically pruned ``model`` before fine-tuning (default: nothing)."""
         return None
@@ -124,7 +146,7 @@ class PruningMethod:
         Lets a caller score once and select at many keep ratios (the FLOPs-target search of the
         pipeline's prune stage, ``prune.target_flops_ratio``), which matters for expensive scores
         (ThiNet's greedy, SIRFP's calibration). A method whose :meth:`select` is not "scores, then
-        this rule" must override this too (or refuse a FLOPs target, as ACoSP does in the config).
+        this rule" must override this too, or set :attr:`widths_fixed_in_training` (ACoSP).
 
         Raises:
             ValueError: keep_ratio outside (0, 1), min_channels < 1, unknown threshold_mode.
@@ -164,6 +186,12 @@ def check_options(name: str, options: dict) -> list[str]:
     bad = [f"method.options.{k}: unknown option of method {name!r} (known: {', '.join(sorted(cls.OPTIONS)) or 'none'})"
            for k in options if k not in cls.OPTIONS]
     return bad + [f"method.options: {p}" for p in cls.validate_options({**cls.OPTIONS, **options})]
+
+
+def method_class(name: str) -> type[PruningMethod] | None:
+    """The registered class of method ``name``, None for MTP or an unknown name."""
+    _load_all()
+    return METHODS.get(name)
 
 
 def build_method(cfg: dict) -> PruningMethod:
