@@ -40,11 +40,11 @@ Where R is accumulated: ``train`` fine-tunes on segmentation for ``epochs`` (cfg
 hooks on the BatchNorms (train mode, the poly schedule of ``train_segmentation``). With
 ``epochs == 0`` nothing is trained and ``scores``/``select`` accumulate R in eval mode over
 ``calib_batches`` batches of the calibration loader. The same happens, with a warning, when
-``select`` is called on a model that ``train`` has not seen (e.g. a resumed run whose sparsity
-stage was loaded from disk: the EMA state is not part of the checkpoint).
+``select`` is called on a model that neither ``train`` nor :meth:`load_trained_state` has seen.
+The EMAs are checkpointed in-stage and stored with the sparsity stage (``trained_state``).
 
-Not implemented: the paper's iterative schedule (prune → fine-tune → re-score → prune more) and
-its FLOPs target; see docs/methods_sirfp.md.
+The FLOPs target comes from the pipeline (``prune.target_flops_ratio``). Not implemented: the
+paper's iterative schedule (prune → fine-tune → re-score → prune more); see docs/methods_sirfp.md.
 """
 from __future__ import annotations
 
