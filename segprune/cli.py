@@ -51,17 +51,14 @@ def cmd_run(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Rebuild the pruned model from the run folder alone and re-measure its mIoU."""
-    import yaml
     from .checkpoint import load_json
-    from .config import ConfigError, merge, DEFAULTS
+    from .config import ConfigError, read_run_config
     from .data import build_seg_dataset
     from .engine.evaluate import evaluate_segmentation
     from .engine.train import make_loader
     from .pipeline import load_run_model
     run = Path(args.run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run} is not a segprune run folder (no config.yaml)")
-    cfg = merge(DEFAULTS, yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = read_run_config(run)
     stages = sorted((run / "stages").glob("*_finetune_seg"))
     if not stages or not (stages[0] / "done.json").exists():
         raise ConfigError(f"{run}: the run has not finished fine-tuning (no stages/*_finetune_seg/done.json)")

@@ -23,10 +23,8 @@ import io
 import math
 from pathlib import Path
 
-import yaml
-
 from .checkpoint import CheckpointError, atomic_write_bytes, load_json
-from .config import ConfigError, DEFAULTS, merge
+from .config import ConfigError, read_run_config
 
 __all__ = ["RunRecord", "collect_runs", "group_runs", "render_table", "write_csv", "compare"]
 
@@ -112,9 +110,7 @@ def collect_runs(paths: list[str | Path], eval_cls: bool = False) -> list[RunRec
         if not cands:
             raise ConfigError(f"{p}: not a finished run folder (no metrics.json) and holds none")
         for q in cands:
-            if not (q / "config.yaml").is_file():
-                raise ConfigError(f"{q}: metrics.json without config.yaml: not a segprune run folder")
-            cfg = merge(DEFAULTS, yaml.safe_load((q / "config.yaml").read_text()) or {})
+            cfg = read_run_config(q)
             m = load_json(q / "metrics.json")
             try:
                 rec = RunRecord(q, cfg, m)

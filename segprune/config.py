@@ -170,6 +170,24 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return raw
 
 
+def read_run_config(run_dir: str | Path) -> dict:
+    """The ``config.yaml`` of a run folder, merged over :data:`DEFAULTS` (keys a run made before
+    they existed lacks take their defaults, which is what that run used).
+
+    Raises:
+        ConfigError: no ``config.yaml`` (not a run folder), unreadable, invalid YAML or not a mapping;
+            the message names the file.
+    """
+    run = Path(run_dir)
+    f = run / "config.yaml"
+    if not f.is_file():
+        raise ConfigError(f"{run} is not a segprune run folder (no config.yaml)")
+    try:
+        return merge(DEFAULTS, read_yaml_mapping(f, "run config"))
+    except OSError as exc:
+        raise ConfigError(f"run config {f} cannot be read: {exc}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
     """Read a YAML config (``None`` = defaults), merge over :data:`DEFAULTS`, apply overrides, validate.
 

@@ -31,11 +31,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from .checkpoint import CheckpointError, load_json, save_json, atomic_write_bytes
-from .config import DEFAULTS, ConfigError, load_config, merge
+from .config import ConfigError, load_config, read_run_config
 from .engine.profile import _percentile  # one percentile definition for eager and ORT timings
 
 __all__ = [
@@ -84,16 +83,7 @@ def find_run(run_dir: str | Path, pruned_stage_ok: bool = False) -> tuple[dict, 
             finished fine-tuning (``stages/*_finetune_seg/done.json``); the message names the path.
     """
     run = Path(run_dir)
-    cfg_file = run / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{run} is not a segprune run folder (no config.yaml)")
-    try:
-        raw = yaml.safe_load(cfg_file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{cfg_file}: cannot read the run's config: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{cfg_file}: not a mapping")
-    cfg = merge(DEFAULTS, raw)
+    cfg = read_run_config(run)
     stages = {}
     for key, stage in _STAGE_OF.items():
         d = _stage_dir(run, stage)

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CheckpointError, load_into_model, load_json, load_state_dict, save_json, save_state_dict, atomic_write_bytes
-from .config import DEFAULTS, ConfigError, merge, validate
+from .config import DEFAULTS, ConfigError, merge, read_yaml_mapping, validate
 from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num_classes
 from .engine import distributed as ddp
 from .engine.evaluate import evaluate_classification, evaluate_segmentation
@@ -351,7 +351,7 @@ class Pipeline:
         self.device = ddp.device()
         cfg_file = self.out / "config.yaml"
         if cfg_file.exists():
-            old = yaml.safe_load(cfg_file.read_text())
+            old = read_yaml_mapping(cfg_file, "run config")  # ConfigError naming the file if damaged
             if old != cfg and isinstance(old, dict):
                 # a folder made before a config key existed: the key's default is what that run used
                 unknown: list[str] = []

@@ -100,6 +100,43 @@ def test_other_config_refused_and_nothing_overwritten(finished_run, tmp_path, ca
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
 
 
+def test_tampered_run_folder_files_are_named(finished_run, tmp_path, capsys):
+    """A damaged config.yaml, done.json or arch.json inside a run folder: exit 2 with the file named,
+    and the run folder left as it was."""
+    cfg, out = finished_run
+
+    def tampered(rel, text):
+        d = tmp_path / rel.replace("/", "_")
+        shutil.copytree(out, d)
+        (d / rel).write_text(text)
+        return d, {q: q.read_bytes() for q in d.rglob("*") if q.is_file()}
+
+    d, snap = tampered("config.yaml", "model: [unclosed\n")
+    for argv in (["run", str(cfg), "--out", str(d), "--quiet"], ["evaluate", str(d)],
+                 ["compare", str(d), "--out", str(tmp_path / "cmp")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "config.yaml" in err and "not valid YAML" in err, (argv, err)
+    assert {q: q.read_bytes() for q in d.rglob("*") if q.is_file()} == snap
+
+    d, snap = tampered("stages/04_prune/done.json", "{\"miou_before_finetune\": ")
+    shutil.rmtree(d / "stages" / "05_finetune_cls")  # the resume has to load the prune stage
+    snap = {q: b for q, b in snap.items() if "05_finetune_cls" not in str(q)}
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(d), "--quiet"]) == 2
+    assert "04_prune/done.json" in capsys.readouterr().err
+    assert {q: q.read_bytes() for q in d.rglob("*") if q.is_file() and "logs" not in q.parts} == \
+        {q: b for q, b in snap.items() if "logs" not in q.parts}
+
+    arch = json.loads((out / "stages/06_finetune_seg/arch.json").read_text())
+    d, snap = tampered("stages/06_finetune_seg/arch.json", json.dumps({**arch, "format": "something-else"}))
+    capsys.readouterr()
+    assert main(["evaluate", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "06_finetune_seg/arch.json" in err and "not a segprune architecture file" in err
+
+
 @pytest.mark.parametrize("override,needle", [
     ("prune.keep_ratio=1.5", "prune.keep_ratio=1.5"),
     ("prune.keep_ratio=0", "prune.keep_ratio=0"),
