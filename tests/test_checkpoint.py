@@ -179,3 +179,35 @@ def test_torch_load_safe(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"\x00\x01junk")
     with pytest.raises(CheckpointError, match="junk.pth"):
         torch_load_safe(tmp_path / "junk.pth")
+
+
+def test_weights_of_another_class_count_are_refused_and_model_unchanged():
+    """A segmentation checkpoint for 5 classes loaded into a 7-class model: both class-dependent
+    tensors are named with their shapes, and nothing is copied."""
+    from segprune.models import build_model
+    spec = {"name": "deeplabv3_resnet18", "width": 0.125, "output_stride": 16, "multi_grid": None,
+            "aspp_channels": 16, "aspp_rates": None}
+    five, seven = build_model(spec, 5, 4), build_model(spec, 7, 4)
+    before = {k: v.clone() for k, v in seven.state_dict().items()}
+    with pytest.raises(CheckpointError) as exc:
+        load_into_model(seven, five.state_dict(), "five.safetensors")
+    msg = str(exc.value)
+    assert "five.safetensors" in msg and "file (5," in msg and "model (7," in msg
+    assert all(torch.equal(v, before[k]) for k, v in seven.state_dict().items())
+
+
+def test_in_stage_checkpoint_of_another_width_is_refused():
+    """An in-stage checkpoint (engine.resume) taken from a wider network does not load into a
+    narrower one: CheckpointError naming the file, for the module and for the optimizer state."""
+    from torch import nn
+    from segprune.engine.resume import load_module_tensors, load_optimizer_tensors, module_tensors, optimizer_tensors
+    wide, narrow = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 6, 3)
+    opt_w = torch.optim.SGD(wide.parameters(), lr=0.1, momentum=0.9)
+    wide(torch.randn(1, 3, 5, 5)).sum().backward()
+    opt_w.step()
+    t = {**module_tensors("model", wide), **optimizer_tensors("opt", opt_w)}
+    with pytest.raises(CheckpointError, match=r"partial\.safetensors: in-stage checkpoint does not fit the model"):
+        load_module_tensors("model", narrow, t, "partial.safetensors")
+    opt_n = torch.optim.SGD(narrow.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(CheckpointError, match=r"partial\.safetensors: optimizer state opt\.0\.momentum_buffer"):
+        load_optimizer_tensors("opt", opt_n, t, "partial.safetensors")
