@@ -123,7 +123,7 @@ def test_benchmark_of_a_config_without_onnx(run, tmp_path):
     assert res["models"]["unpruned"]["flops"] == base["flops"]  # same architecture as the run's baseline
 
 
-@pytest.mark.parametrize("cmd", [["export", "--onnx", "x.onnx"], ["benchmark", "--runs", "1"]])
+@pytest.mark.parametrize("cmd", [["export", "--onnx", "x.onnx"], ["benchmark", "--runs", "1"], ["evaluate"]])
 def test_not_a_run_folder_exit_2_names_path(tmp_path, capsys, cmd):
     bad = tmp_path / "not_a_run"
     bad.mkdir()
@@ -136,8 +136,34 @@ def test_not_a_run_folder_exit_2_names_path(tmp_path, capsys, cmd):
     assert main([cmd[0], str(unfinished), *cmd[1:]]) == 2
     err = capsys.readouterr().err
     assert str(unfinished) in err and "fine-tuning" in err
-    with pytest.raises(ConfigError, match="not_a_run"):
-        find_run(bad)
+    if cmd[0] != "evaluate":
+        with pytest.raises(ConfigError, match="not_a_run"):
+            find_run(bad)
+
+
+def test_export_bad_arguments_and_a_failing_check(run, tmp_path, capsys, monkeypatch):
+    """--images 0 and an opset outside 11..20 exit 2 naming the value, before anything is written;
+    an export whose ONNX Runtime check fails exits 1 and still records why."""
+    import segprune.deploy as deploy
+    f = tmp_path / "m.onnx"
+    for argv, needle in ((["--images", "0"], "--images 0"), (["--opset", "9"], "opset 9")):
+        assert main(["export", str(run), "--onnx", str(f), *argv]) == 2
+        assert needle in capsys.readouterr().err and not f.exists()
+    monkeypatch.setattr(deploy, "CHECK_ATOL", -1.0)  # no logit difference can pass
+    assert main(["export", str(run), "--onnx", str(f), "--images", "1"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    rec = json.loads(deploy.sidecar_path(f).read_text())
+    assert rec["check"]["ok"] is False and rec["check"]["atol"] == -1.0
+
+
+def test_ctrl_c_exits_130_with_the_resume_note(tmp_path, capsys, monkeypatch):
+    import segprune.compare as compare_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare_mod, "compare", interrupted)
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "c")]) == 130
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_latency_script_goal_column(run, tmp_path):
