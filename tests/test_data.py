@@ -140,6 +140,65 @@ def test_resize_label_nearest_preserves_values():
     assert (out[:2, :3] == 1).all() and (out[2:, 3:] == 4).all()
 
 
+@settings(max_examples=40, deadline=None, database=None)
+@given(h=st.integers(1, 20), w=st.integers(1, 20), oh=st.integers(1, 30), ow=st.integers(1, 30),
+       k=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_resize_label_nearest_properties(h, w, oh, ow, k, seed):
+    """Shape, dtype and values kept; identity at the same size; an integer upscale by k repeats each
+    pixel as a k x k block, and the downscale back by k samples the block centres (pixel-centre rule)."""
+    label = np.random.default_rng(seed).integers(0, 256, (h, w)).astype(np.uint8)
+    out = resize_label_nearest(label, (oh, ow))
+    assert out.shape == (oh, ow) and out.dtype == label.dtype
+    assert set(np.unique(out)) <= set(np.unique(label))
+    assert resize_label_nearest(label, (h, w)) is label
+    up = resize_label_nearest(label, (h * k, w * k))
+    assert np.array_equal(up, np.repeat(np.repeat(label, k, 0), k, 1))
+    assert np.array_equal(resize_label_nearest(up, (h, w)), label)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(h=st.integers(2, 24), w=st.integers(2, 24), size=st.one_of(st.none(), st.tuples(st.integers(2, 24), st.integers(2, 24))),
+       seed=st.integers(0, 2**31))
+def test_seg_eval_transform_properties(h, w, size, seed):
+    """The image goes to the network size (or stays), the label is passed through unchanged, and
+    the result does not depend on an rng (evaluation is deterministic)."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 12, (h, w))
+    label[rng.random((h, w)) < 0.1] = IGNORE
+    image = _rand_image(rng, h, w)
+    tf = SegEvalTransform(size)
+    img, lab = tf(image, label)
+    img2, _ = tf(image, label, np.random.default_rng(seed + 1))
+    assert img.shape == (3, *(size or (h, w))) and img.dtype == torch.float32 and torch.isfinite(img).all()
+    assert lab.dtype == torch.int64 and torch.equal(lab, torch.from_numpy(label))
+    assert torch.equal(img, img2)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(h=st.integers(4, 20), w=st.integers(4, 20), pad=st.integers(0, 6), seed=st.integers(0, 2**31))
+def test_cls_train_transform_properties(h, w, pad, seed):
+    """Output is (3, H, W) at the input size; the same rng state gives the same output; a constant
+    image stays constant under reflect padding, crop and flip (only positions move); with pad >= the
+    size, padding falls back to zeros (the mean colour after normalisation)."""
+    rng = np.random.default_rng(seed)
+    tf = ClsTrainTransform((h, w), pad=pad)
+    image = _rand_image(rng, h, w)
+    a = tf(image, np.random.default_rng(seed))
+    b = tf(image, np.random.default_rng(seed))
+    assert a.shape == (3, h, w) and torch.equal(a, b)
+    reflect = pad < min(h, w)  # documented fallback: zero padding (the mean colour) when pad >= the size
+    flat = Image.new("RGB", (w, h), (200, 30, 90))
+    c = tf(flat, np.random.default_rng(seed))
+    colour = ClsEvalTransform((h, w))(flat)[:, 0, 0].view(3, 1, 1)
+    is_colour, is_zero = (c == colour).all(0), (c == 0).all(0)
+    assert is_colour.all() if reflect else (is_colour | is_zero).all()
+    # the crop only moves pixels: every output pixel value is one of the input's (no interpolation)
+    ref = ClsEvalTransform((h, w))(image).reshape(3, -1).T
+    if not reflect:
+        ref = torch.cat([ref, torch.zeros(1, 3)])
+    assert all(bool((ref == px).all(1).any()) for px in a.reshape(3, -1).T)
+
+
 def test_seg_eval_transform_keeps_label_resolution():
     rng = np.random.default_rng(0)
     label = rng.integers(0, 11, (12, 16))

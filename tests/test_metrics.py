@@ -193,3 +193,23 @@ def test_top1_and_classification_metric():
     assert r["top1"] == pytest.approx(3 / 4)
     with pytest.raises(ValueError):
         top1_accuracy(logits, torch.tensor([1, 1]))
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(n=st.integers(1, 3), h=st.integers(1, 8), w=st.integers(1, 8), c=st.integers(1, 6), seed=st.integers(0, 2**31))
+def test_confusion_matrix_properties(n, h, w, c, seed):
+    """Total = non-ignored pixels; row sums = ground-truth class counts; column sums = predicted
+    counts over those pixels; the diagonal = correct pixels; a perfect prediction is diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, c, (n, h, w), generator=g)
+    target[torch.rand(n, h, w, generator=g) < 0.2] = IGN
+    pred = torch.randint(0, c, (n, h, w), generator=g)
+    cm = confusion_matrix(pred, target, c, IGN)
+    valid = target != IGN
+    assert cm.shape == (c, c) and cm.dtype == torch.int64
+    assert int(cm.sum()) == int(valid.sum())
+    assert torch.equal(cm.sum(1), torch.bincount(target[valid], minlength=c))
+    assert torch.equal(cm.sum(0), torch.bincount(pred[valid], minlength=c))
+    assert int(cm.diag().sum()) == int((pred[valid] == target[valid]).sum())
+    perfect = confusion_matrix(torch.where(valid, target, 0), target, c, IGN)
+    assert torch.equal(perfect, torch.diag(torch.bincount(target[valid], minlength=c)))

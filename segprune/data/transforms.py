@@ -237,7 +237,8 @@ class ClsTrainTransform:
         input_size: ``(H, W)`` of the output.
         pad: padding in pixels for the random crop (0 disables cropping).
         padding_mode: ``"reflect"`` (default) or ``"zero"`` (0 after
-            normalisation, i.e. the mean colour).
+            normalisation, i.e. the mean colour). Reflect padding needs
+            ``pad < min(H, W)``; for smaller inputs zero padding is used.
         hflip: enable random horizontal flips.
         mean, std: per-channel normalisation constants.
 
