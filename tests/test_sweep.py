@@ -109,6 +109,23 @@ def test_sweep_runs_everything_and_shares_stages(swept):
     assert any("estimated remaining work" in line for line in lines)
 
 
+def test_two_worker_processes_end_to_end(swept, tmp_path, capfd):
+    """`segprune sweep --jobs 2`: two worker processes share the grid through the lock files; every
+    run is started by exactly one worker and ends with the metrics of the one-process sweep."""
+    from segprune.cli import main
+    p, out, _, _ = swept
+    out2 = tmp_path / "jobs2"
+    assert main(["sweep", str(p), "--out", str(out2), "--jobs", "2", "--threads", "1", "--quiet"]) == 0
+    printed = capfd.readouterr()
+    text = printed.out + printed.err
+    for run in ("mtp_s3", "mtp_uni_s3", "fpgm_s3"):
+        assert text.count(f"starting {run};") == 1, text
+        a = json.loads((out / run / "metrics.json").read_text())
+        b = json.loads((out2 / run / "metrics.json").read_text())
+        assert b["pruned"]["miou"] == a["pruned"]["miou"] and b["layer_widths"] == a["layer_widths"]
+    assert not list((out2 / ".locks").glob("*.lock")) or all(not _locked_by_other(q) for q in (out2 / ".locks").glob("*.lock"))
+
+
 def test_sweep_skips_finished_runs(swept):
     p, out, _, _ = swept
     before = {r: (out / r / "metrics.json").stat().st_mtime_ns for r in ("mtp_s3", "mtp_uni_s3", "fpgm_s3")}
