@@ -362,10 +362,11 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
          "must be null or lie in (0, 1), e.g. 0.5 for half the FLOPs of the unpruned network")
     need(_num(ftol) and ftol > 0, "prune.flops_tolerance",
          "must be > 0 (absolute tolerance on the FLOPs ratio, e.g. 0.01)")
-    need(tfr is None or me["name"] != "acosp" or (me.get("options") or {}).get("keep_ratio") is None,
-         "method.options.keep_ratio",
-         "ACoSP with prune.target_flops_ratio finds its training keep ratio from the FLOPs target "
-         "(before sparsity training); leave method.options.keep_ratio null, or drop the FLOPs target")
+    if tfr is not None and (me.get("options") or {}).get("keep_ratio") is not None:
+        from .methods.base import method_class
+        need(not getattr(method_class(me["name"]), "widths_fixed_in_training", False), "method.options.keep_ratio",
+             f"{me['name']} with prune.target_flops_ratio finds its training keep ratio from the FLOPs target "
+             "(before sparsity training); leave method.options.keep_ratio null, or drop the FLOPs target")
     ev = cfg["eval"]
     need(_num(ev["latency_runs"], int) and ev["latency_runs"] >= 1, "eval.latency_runs", "must be >= 1")
     need(_num(ev["latency_warmup"], int) and ev["latency_warmup"] >= 0, "eval.latency_warmup", "must be >= 0")
