@@ -48,6 +48,8 @@ class RunRecord:
         t = metrics.get("target_flops_ratio", (cfg.get("prune") or {}).get("target_flops_ratio"))
         self.target = None if t is None else float(t)
         self.threshold = metrics["threshold_mode"]
+        # prune.round_to (widths rounded to multiples; 1 = off): another setting, never pooled with unrounded runs
+        self.round_to = int((cfg.get("prune") or {}).get("round_to", 1) or 1)
         self.seed = int(cfg["seed"])
         self.ft = "seg only" if int(cfg["finetune"]["cls"]["epochs"]) == 0 else "cls+seg"
         base_done = path / "stages" / "02_train_seg" / "done.json"
@@ -80,13 +82,13 @@ class RunRecord:
 
     @property
     def target_label(self) -> str:
-        """"FLOPs 0.50×" or "channels 0.5×": what the run was pruned to."""
-        return target_label(*self.target_kind)
+        """"FLOPs 0.50×" or "channels 0.5×" (+ ", widths ×8" with ``prune.round_to``): what the run was pruned to."""
+        return target_label(*self.target_kind) + _round_label(self.round_to)
 
     @property
     def setting(self) -> tuple:
         thr = "-" if self.method in ("uniform", "thinet", "fpgm") else self.threshold
-        return (self.method, self.target_kind, thr, self.ft, self.baseline_id)
+        return (self.method, self.target_kind, thr, self.ft, self.baseline_id, self.round_to)
 
     def __repr__(self) -> str:
         return f"RunRecord({self.name!r}, {self.method}, {self.keep})"
@@ -147,7 +149,7 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
     for r in runs:
         groups.setdefault(r.setting, []).append(r)
     rows = []
-    for (method, (kind, value), thr, ft, base), rs in groups.items():
+    for (method, (kind, value), thr, ft, base, round_to), rs in groups.items():
         keep, keep_std = _mean_std([r.keep for r in rs])
 
         def col(f):
@@ -156,7 +158,8 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
         def kept(part):
             return lambda r: r.m["kept_per_part"][part][0] / r.m["kept_per_part"][part][1]
         rows.append({
-            "method": method, "keep": keep, "keep_std": keep_std, "target": target_label(kind, value),
+            "method": method, "keep": keep, "keep_std": keep_std, "target": target_label(kind, value) + _round_label(round_to),
+            "round_to": round_to,
             "target_kind": kind, "target_flops_ratio": value if kind == "flops" else None,
             "threshold": thr, "finetune": ft, "baseline_id": base,
             "seeds": sorted(r.seed for r in rs), "runs": [r.name for r in rs],
@@ -220,7 +223,7 @@ CSV_FIELDS = ["run", "method", "keep_ratio", "threshold_mode", "finetune", "seed
               "pixel_acc", "baseline_params", "params", "params_ratio", "baseline_flops", "flops", "flops_ratio",
               "baseline_latency_ms", "latency_ms", "latency_ratio", "miou_before_finetune", "baseline_cls_top1",
               "cls_top1", "baseline_top1_after_pretrain", "top1_after_cls_finetune", "kept_backbone", "kept_decoder",
-              "target", "target_flops_ratio", "flops_target_met"]
+              "target", "target_flops_ratio", "flops_target_met", "round_to"]
 
 
 def write_csv(runs: list[RunRecord]) -> str:
@@ -245,7 +248,8 @@ def write_csv(runs: list[RunRecord]) -> str:
                     "top1_after_cls_finetune": r.top1_ft, "kept_backbone": k["backbone"][0] / k["backbone"][1],
                     "kept_decoder": k["decoder"][0] / k["decoder"][1],
                     "target": f"{r.target_kind[0]} {r.target_kind[1]:g}", "target_flops_ratio": r.target,
-                    "flops_target_met": r.m.get("flops_target_met") if r.target is not None else None})
+                    "flops_target_met": r.m.get("flops_target_met") if r.target is not None else None,
+                    "round_to": r.round_to})
     return buf.getvalue()
 
 
@@ -257,11 +261,15 @@ def _plt():
     return plt
 
 
+def _round_label(round_to: int) -> str:
+    return f", widths ×{round_to}" if round_to > 1 else ""
+
+
 def _label(r: RunRecord) -> str:
     thr = "" if r.method in ("uniform", "thinet", "fpgm") else f" {r.threshold}"
     ft = "" if r.ft == "cls+seg" else f" ({r.ft})"
     what = f"FLOPs {r.target:.2f}×" if r.target is not None else f"{r.keep:g}×"
-    return f"{r.method} {what}{thr}{ft}"
+    return f"{r.method} {what}{thr}{ft}" + ("" if r.round_to == 1 else f" r{r.round_to}")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

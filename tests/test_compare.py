@@ -13,7 +13,8 @@ from segprune.compare import collect_runs, group_runs, pareto_front, render_tabl
 BASE = {"miou": 0.60, "pixel_acc": 0.9, "params": 1000, "flops": 2000, "macs": 1000, "latency_ms": 10.0, "cls_top1": 0.5}
 
 
-def _run(root, name, method, keep, seed, miou, flops, params, lat, thr="ind", ft_cls=1, base=BASE, fp="base-a"):
+def _run(root, name, method, keep, seed, miou, flops, params, lat, thr="ind", ft_cls=1, base=BASE, fp="base-a",
+         round_to=None):
     d = root / name
     (d / "stages" / "02_train_seg").mkdir(parents=True)
     (d / "stages" / "05_finetune_cls").mkdir(parents=True)
@@ -21,6 +22,8 @@ def _run(root, name, method, keep, seed, miou, flops, params, lat, thr="ind", ft
     (d / "stages" / "05_finetune_cls" / "done.json").write_text(json.dumps({"top1": 0.25 + seed / 100}))
     cfg = {"seed": seed, "method": {"name": method}, "prune": {"keep_ratio": keep, "threshold_mode": thr},
            "finetune": {"cls": {"epochs": ft_cls}}}
+    if round_to is not None:
+        cfg["prune"]["round_to"] = round_to
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     pruned = {"miou": miou, "pixel_acc": 0.8, "params": params, "flops": flops, "macs": flops // 2, "latency_ms": lat,
               "cls_top1": 0.3, "miou_before_finetune": 0.1}
@@ -57,6 +60,18 @@ def test_groups_average_seeds_with_sample_std(sweep_dir):
     assert g["cls_top1_ft"][0] == pytest.approx(0.255)
     assert g["kept_backbone"][0] == pytest.approx(0.5) and g["kept_decoder"][0] == pytest.approx(0.5)
     assert groups[("fpgm", "-")]["miou"][1] is None  # one seed: no std
+
+
+def test_rounded_widths_are_a_setting_of_their_own(sweep_dir):
+    """prune.round_to runs are not pooled with the unrounded runs of the same method and ratio."""
+    _run(sweep_dir, "mtp_r8_s0", "mtp", 0.5, 0, 0.40, 1000, 500, 7.0, round_to=8)
+    runs = collect_runs([sweep_dir])
+    groups = {(g["method"], g["threshold"], g["round_to"]): g for g in group_runs(runs)}
+    assert groups[("mtp", "ind", 1)]["seeds"] == [0, 1] and groups[("mtp", "ind", 1)]["miou"][0] == pytest.approx(0.57)
+    assert groups[("mtp", "ind", 8)]["runs"] == ["mtp_r8_s0"] and groups[("mtp", "ind", 8)]["target"].endswith("widths ×8")
+    assert "channels 0.5×, widths ×8" in render_table(runs)
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(write_csv(runs)))}
+    assert rows["mtp_r8_s0"]["round_to"] == "8" and rows["mtp_s0"]["round_to"] == "1"
 
 
 def test_markdown_and_csv_tables(sweep_dir):
