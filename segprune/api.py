@@ -465,10 +465,9 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             fixed_search = None
             if target_flops_ratio is not None and meth.widths_fixed_in_training:  # ACoSP: widths before training
                 from .pipeline import search_training_keep_ratio
-                fixed_search = search_training_keep_ratio(
-                    work, units, lambda p: meth.fixed_widths(units, p, min_channels), float(target_flops_ratio),
-                    float(flops_tolerance), size, log=lg.write, flops_unpruned=flops0)
-                meth.set_training_keep_ratio(fixed_search["keep_ratio_found"])
+                fixed_search = search_training_keep_ratio(work, units, meth, float(target_flops_ratio),
+                                                          float(flops_tolerance), size, min_channels, log=lg.write,
+                                                          flops_unpruned=flops0)
             sparsity = meth.train(work, units, seg_loader, cls_loader, ignore_index, lg) or {}
             scores = meth.scores(work, units, calib_loader=calib) if target_flops_ratio is not None else None
 

@@ -234,28 +234,33 @@ def search_keep_ratio(model: nn.Module, units: list, select, target: float, tole
             "flops_probes": probes}
 
 
-def search_training_keep_ratio(model: nn.Module, units: list, widths, target: float, tolerance: float,
-                               input_size: tuple[int, int], log=None, flops_unpruned: int | None = None) -> dict:
+def search_training_keep_ratio(model: nn.Module, units: list, method, target: float, tolerance: float,
+                               input_size: tuple[int, int], min_channels: int = 1, log=None,
+                               flops_unpruned: int | None = None) -> dict:
     """FLOPs target for a method whose widths are fixed *before* training (ACoSP's k per unit).
 
     Such a method cannot bisect its selection after training: the learned masks only make sense
     for the k they were trained with. The widths depend on the keep ratio alone, not on which
     channels are kept, so the same bisection as :func:`search_keep_ratio` runs on the untrained
-    network, each probe keeping the first ``widths(p)[name]`` channels of every unit.
+    network, each probe keeping the first ``method.fixed_widths(units, p, min_channels)[name]``
+    channels of every unit. The keep ratio found is then set as the method's training keep ratio
+    (``method.set_training_keep_ratio``).
 
     Args:
-        widths: ``widths(p) -> {unit name: channels kept}``, non-decreasing in p (ACoSP:
-            ``acosp_k(C, p, min_keep)``, floored at ``prune.min_channels``).
+        method: a ``PruningMethod`` with ``widths_fixed_in_training`` (its ``fixed_widths`` must
+            be non-decreasing in p).
+        min_channels: ``prune.min_channels``, the floor of every unit's width.
         Other arguments and the return value: as :func:`search_keep_ratio`, without ``"kept"``;
-        ``keep_ratio_found`` is the keep ratio to train with.
+        ``keep_ratio_found`` is the keep ratio the method now trains with.
 
     Raises:
         ValueError: as :func:`search_keep_ratio`.
     """
     def select(p):
-        return {n: torch.arange(int(k)) for n, k in widths(p).items()}
+        return {n: torch.arange(int(k)) for n, k in method.fixed_widths(units, p, min_channels).items()}
     res = search_keep_ratio(model, units, select, target, tolerance, input_size, log=log, flops_unpruned=flops_unpruned)
     res.pop("kept")
+    method.set_training_keep_ratio(res["keep_ratio_found"])
     return res
 
 
@@ -479,10 +484,8 @@ class Pipeline:
             return None
         log.write(f"FLOPs target {target:g} (tolerance {pr.get('flops_tolerance', 0.01):g}): {meth.name} fixes its "
                   f"widths before training; searching its training keep ratio at input {size[0]}x{size[1]}")
-        res = search_training_keep_ratio(model, units, lambda p: meth.fixed_widths(units, p, pr["min_channels"]),
-                                         float(target), float(pr.get("flops_tolerance", 0.01)), size, log=log.write)
-        meth.set_training_keep_ratio(res["keep_ratio_found"])
-        return res
+        return search_training_keep_ratio(model, units, meth, float(target), float(pr.get("flops_tolerance", 0.01)),
+                                          size, pr["min_channels"], log=log.write)
 
     def _load_or(self, stage: str):
         if self._done(stage) is None and self.share:

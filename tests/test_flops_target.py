@@ -184,9 +184,10 @@ def test_acosp_training_keep_ratio_search(target):
     from segprune.pipeline import search_training_keep_ratio
     m, units = _toy()
     meth = build_method({"name": "acosp", "options": {"min_keep": 2}})
-    res = search_training_keep_ratio(m, units, lambda p: meth.fixed_widths(units, p, 1), target, TOL, SIZE)
+    res = search_training_keep_ratio(m, units, meth, target, TOL, SIZE, min_channels=1)
     assert res["flops_target_met"] and abs(res["flops_ratio_achieved"] - target) <= TOL and "kept" not in res
     p = res["keep_ratio_found"]
+    assert meth.keep_ratio == p  # the method now trains for the keep ratio found
     widths = meth.fixed_widths(units, p, 1)
     assert widths == {u.name: acosp_k(u.channels, p, 2) for u in units}
     kept = {n: torch.arange(k) for n, k in widths.items()}
