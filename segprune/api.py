@@ -56,11 +56,9 @@ from .checkpoint import CheckpointError, load_into_model, load_json, load_state_
 from .config import DEFAULTS, merge, validate
 from .engine.log import StageLog
 from .engine.profile import count_flops, count_params
-from .engine.train import train_classification, train_segmentation
-from .methods.base import METHODS, PruningMethod, _load_all, build_method
-from .methods.mtp import run_mtp
-from .pruning import (apply_widths, build_graph, check_keep_ratio, discover_units, layer_widths, prune_channels,
-                      select_channels, unit_gammas, widths_spec)
+from .algorithm import Budget, choose_widths, finetune_classification, finetune_segmentation, kept_per_part, remove, sparsify
+from .methods.base import PruningMethod, build_method, method_names
+from .pruning import apply_widths, build_graph, discover_units, layer_widths, widths_spec
 from .pruning.groups import has_cls_forward
 
 __all__ = ["prune_model", "PruneResult", "save_pruned", "load_pruned", "USER_ARCH_FORMAT"]
@@ -188,22 +186,21 @@ def _default_cls_forward(backbone: str, head: str) -> Callable[[nn.Module, torch
     return forward
 
 
-def _method_config(method: str, method_cfg: Mapping | None, input_size, keep_ratio) -> dict:
+def _method_config(method: str, method_cfg: Mapping | None) -> dict:
     """The ``method:`` section: :data:`segprune.config.DEFAULTS` merged with ``method_cfg``, checked
-    by the config's own rules (``segprune.config.validate``) and the method's option checks.
-    ThiNet traces at ``input_size``; ACoSP trains for ``keep_ratio`` unless ``options.keep_ratio`` is set."""
+    by the config's own rules (``segprune.config.validate``: shared keys, the method's options and
+    its own checks).
+
+    Raises:
+        ValueError: unknown keys or bad values, all listed.
+    """
     unknown: list[str] = []
-    user = dict(method_cfg or {})
-    if method == "acosp" and keep_ratio is not None and (user.get("options") or {}).get("keep_ratio") is None:
-        user["options"] = {**(user.get("options") or {}), "keep_ratio": keep_ratio}
-    sec = merge(DEFAULTS["method"], {**user, "name": method}, "method.", unknown)
+    sec = merge(DEFAULTS["method"], {**dict(method_cfg or {}), "name": method}, "method.", unknown)
     full = merge(DEFAULTS, {"method": sec})
     bad = [p for p in validate(full, raise_error=False) if p.startswith("method.")]
     bad += [f"{k}: unknown key (known: {', '.join(sorted(DEFAULTS['method']))})" for k in unknown]
     if bad:
         raise ValueError("invalid method_cfg:\n  " + "\n  ".join(bad))
-    if method == "thinet":
-        sec["graph_input_size"] = list(input_size)  # trace at the user's input size
     return sec
 
 
@@ -304,6 +301,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
                 input_size: tuple[int, int] | None = None, in_channels: int = 3, threshold_mode: str = "ind",
                 min_channels: int = 1, include_coupled: bool = False, ignore_index: int = 255,
                 method_cfg: Mapping | None = None, finetune: bool | Mapping | None = None, calib_loader=None,
+                round_to: int = 1,
                 seed: int | None = None, inplace: bool = False, quiet: bool = True,
                 log_dir: str | Path | None = None) -> PruneResult:
     """Prune the channels of ``model`` with ``method`` and remove them physically (Algorithm 1, lines 1-10,
@@ -320,7 +318,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             ``threshold_mode="ind"``, overall with ``"uni"``; per layer for Uniform/ThiNet/FPGM).
         target_flops_ratio: instead of ``keep_ratio``: wanted FLOPs(pruned)/FLOPs(unpruned) in (0, 1),
             reached by bisecting the keep ratio of the method's own selection rule
-            (``segprune.pipeline.search_keep_ratio``, docs/methods_flops_target.md) within
+            (``segprune.pruning.search.search_keep_ratio``, docs/methods_flops_target.md) within
             ``flops_tolerance`` (absolute).
         parts: part name -> module-name prefix or list of prefixes, e.g. ``{"backbone": "enc.",
             "decoder": "dec."}``; default: ``model.parts`` (zoo models). MTP needs ``"backbone"``.
@@ -354,6 +352,9 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             pruned network is trained on classification (backbone + head, needs ``cls_head`` and
             ``cls_loader``; skipped otherwise and the report says why), then on segmentation.
         calib_loader: calibration images for ThiNet/SIRFP (default ``seg_loader``).
+        round_to: round every pruned unit's width to a multiple of this (1 = off; 8 or 16 for
+            kernels that are faster on aligned widths), adding back the best-ranked or dropping the
+            worst-ranked channels; inside a FLOPs-target search the target is met after rounding.
         seed: if given, ``torch.manual_seed`` before each training phase (as the pipeline does).
         inplace: prune ``model`` itself instead of a deep copy.
         quiet / log_dir: console output and optional per-phase log files (``<log_dir>/<phase>.log``).
@@ -373,33 +374,124 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
     """
     t_start = time.perf_counter()
     # ---- every check that can fail happens before anything is trained ---------------------------
-    _load_all()
-    known = ["mtp", *sorted(METHODS)]
+    budget, size, setup, has_cls, meth, ft = _checked_arguments(
+        model, method, keep_ratio, target_flops_ratio, flops_tolerance, threshold_mode, min_channels, round_to, parts,
+        never_prune, cls_head, cls_forward, in_channels, input_size, seg_loader, cls_loader, method_cfg, finetune)
+    work = model if inplace else copy.deepcopy(model)
+    was_training = work.training
+    logs: dict[str, StageLog] = {}
+
+    def log(phase: str) -> StageLog:
+        logs[phase] = StageLog(phase, Path(log_dir) if log_dir else None, quiet=quiet)
+        return logs[phase]
+
+    with _attach_for(work, setup, cls_forward):
+        out_shape = _output_check(work, size, in_channels, num_classes, "before pruning")
+        if setup["cls_head"]:
+            _cls_output_check(work, size, in_channels)
+        params0, flops0 = count_params(work), count_flops(work, size, in_channels)["flops"]
+        widths0 = layer_widths(work)
+        graph = build_graph(work, size)  # training changes weights, not structure: the graph is reused
+        units = discover_units(work, graph, include_coupled)
+        if not units:
+            raise ValueError(f"{type(work).__name__} has no prunable unit: segprune prunes the output channels of "
+                             f"Conv2d layers followed by a BatchNorm, outside never_prune={list(setup['never_prune'])}")
+        # ---- Algorithm 1 (segprune.algorithm, shared with the CLI) --------------------------------
+        lg = log("sparsity")
+        sparsity = sparsify(meth, work, units, seg_loader, cls_loader, ignore_index, lg, budget, size, seed=seed,
+                            flops_unpruned=flops0)
+        wall = {"sparsity": round(lg.elapsed(), 2)}
+        lg = log("prune")
+        kept, flops_target = choose_widths(meth, work, units, budget, size,
+                                           calib_loader=calib_loader if calib_loader is not None else seg_loader,
+                                           log=lg.write, training_search=sparsity.pop("flops_search", None),
+                                           flops_unpruned=flops0)
+        if budget.target_flops_ratio is not None:
+            keep_ratio = flops_target["keep_ratio_found"]
+        remove(meth, work, units, kept, graph, lg)
+        spec = widths_spec(units, kept, include_coupled)
+        out_after = _output_check(work, size, in_channels, num_classes, "after pruning")
+        if out_after[1] != out_shape[1]:
+            raise ValueError(f"pruning changed the number of output classes {out_shape[1]} -> {out_after[1]}: "
+                             f"add the final classifier layer to never_prune")
+        params1, flops1 = count_params(work), count_flops(work, size, in_channels)["flops"]
+        wall["prune"] = round(lg.elapsed(), 2)
+        ft_report = _finetune(work, ft, has_cls, cls_loader, seg_loader, ignore_index, log, seed)
+        work.train(was_training)
+
+    report = {
+        "method": method, "keep_ratio": keep_ratio, "threshold_mode": threshold_mode, "min_channels": min_channels,
+        "round_to": round_to, "input_size": list(size), "in_channels": in_channels,
+        "output_shape": [None, *out_after[1:]],
+        "params": {"before": params0, "after": params1, "ratio": params1 / params0},
+        "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0},
+        "macs": {"before": flops0 // 2, "after": flops1 // 2},
+        "flops_note": "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2",
+        "units": spec["units"], "parts": kept_per_part(units, kept),
+        "layer_widths": {"before": widths0, "after": layer_widths(work)},
+        "sparsity": {k: v for k, v in sparsity.items() if isinstance(v, (int, float, str, bool))},
+        "flops_target": flops_target if budget.target_flops_ratio is not None else None, "finetune": ft_report,
+        "wall_s": {**wall, **{k: round(v.elapsed(), 2) for k, v in logs.items() if k.startswith("finetune")},
+                   "total": round(time.perf_counter() - t_start, 2)},
+    }
+    return PruneResult(model=work, report=report, widths=spec, setup=_public_setup(setup))
+
+
+def _checked_arguments(model, method, keep_ratio, target_flops_ratio, flops_tolerance, threshold_mode, min_channels,
+                       round_to, parts, never_prune, cls_head, cls_forward, in_channels, input_size, seg_loader,
+                       cls_loader, method_cfg, finetune) -> tuple:
+    """Every check of :func:`prune_model` that can fail before anything is trained.
+
+    Returns:
+        ``(budget, input size (H, W), setup, has_cls, method instance, finetune config)``.
+
+    Raises:
+        ValueError, TypeError: as listed in :func:`prune_model`.
+    """
+    known = method_names()
     if method not in known:
         raise ValueError(f"method={method!r} is not a known pruning method; known: {', '.join(known)}")
     if (keep_ratio is None) == (target_flops_ratio is None):
         raise ValueError("give exactly one of keep_ratio (fraction of channels kept, in (0, 1)) and "
                          "target_flops_ratio (fraction of FLOPs kept, in (0, 1))")
-    if keep_ratio is not None:
-        keep_ratio = check_keep_ratio(keep_ratio)
-    else:
-        if not isinstance(target_flops_ratio, (int, float)) or not 0.0 < float(target_flops_ratio) < 1.0:
-            raise ValueError(f"target_flops_ratio={target_flops_ratio!r} must lie in (0, 1), e.g. 0.5")
-        if not isinstance(flops_tolerance, (int, float)) or not flops_tolerance > 0:
-            raise ValueError(f"flops_tolerance={flops_tolerance!r} must be > 0")
-    if threshold_mode not in ("ind", "uni"):
-        raise ValueError(f"threshold_mode={threshold_mode!r} must be 'ind' or 'uni'")
-    if not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels={min_channels!r} must be an integer >= 1")
+    budget = Budget(keep_ratio=keep_ratio, target_flops_ratio=target_flops_ratio, flops_tolerance=flops_tolerance,
+                    threshold_mode=threshold_mode, min_channels=min_channels, round_to=round_to)
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels={in_channels!r} must be a positive integer")
     size = _input_size(input_size, seg_loader)
     setup = _resolve_setup(model, parts, never_prune, cls_head, cls_forward, in_channels, size)
     if cls_forward is not None:
         _check_cls_forward(cls_forward)
-    zoo_cls = not setup["cls_head"] and has_cls_forward(model)
-    has_cls = bool(setup["cls_head"]) or zoo_cls
-    if method == "mtp":
+    has_cls = bool(setup["cls_head"]) or has_cls_forward(model)
+    meth = build_method(_method_config(method, method_cfg), input_size=size)
+    _check_method_inputs(meth, setup, has_cls, seg_loader, cls_loader)
+    ft = _finetune_config(finetune)
+    if ft["seg"] is not None and seg_loader is None:
+        raise ValueError("finetune['seg'] needs seg_loader")
+    return budget, size, setup, has_cls, meth, ft
+
+
+def _cls_output_check(work: nn.Module, size, in_channels: int) -> None:
+    """The attached classification forward must map (2, C, H, W) to logits (2, K_cls)."""
+    was = work.training
+    work.eval()
+    try:
+        with torch.no_grad():
+            logits = work.forward_cls(torch.zeros(2, in_channels, *size))
+    finally:
+        work.train(was)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2:
+        raise ValueError(f"the classification forward must return logits (N, K_cls); got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+
+
+def _check_method_inputs(meth: PruningMethod, setup: dict, has_cls: bool, seg_loader, cls_loader) -> None:
+    """What the method needs besides the network: a classification task (MTP) or segmentation data.
+
+    Raises:
+        ValueError: the missing pieces, all named.
+    """
+    if meth.needs_classification:
         missing = []
         if "backbone" not in setup["parts"]:
             missing.append("parts['backbone'] (the module-name prefix of the part shared with classification)")
@@ -411,137 +503,25 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         if seg_loader is None:
             missing.append("seg_loader (segmentation batches (x, y))")
         if missing:
-            raise ValueError("MTP (multi-task pruning) needs a classification task next to segmentation; missing: "
+            what = "MTP (multi-task pruning)" if meth.name == "mtp" else f"method {meth.name!r}"
+            raise ValueError(f"{what} needs a classification task next to segmentation; missing: "
                              + "; ".join(missing) + ". Without classification data use a single-task method, "
                              "e.g. method='slimming', 'fpgm', 'thinet' or 'uniform'.")
-    mcfg = _method_config(method, method_cfg, size, keep_ratio)
-    meth = None if method == "mtp" else build_method(mcfg)
-    if meth is not None and type(meth).train is not PruningMethod.train and seg_loader is None:
-        raise ValueError(f"method {method!r} trains on segmentation data before scoring: seg_loader is required")
-    ft = _finetune_config(finetune)
-    if ft["seg"] is not None and seg_loader is None:
-        raise ValueError("finetune['seg'] needs seg_loader")
+    if type(meth).train is not PruningMethod.train and seg_loader is None:
+        raise ValueError(f"method {meth.name!r} trains on segmentation data before scoring: seg_loader is required")
 
-    work = model if inplace else copy.deepcopy(model)
-    was_training = work.training
-    logs = {}
 
-    def log(phase: str) -> StageLog:
-        logs[phase] = StageLog(phase, Path(log_dir) if log_dir else None, quiet=quiet)
-        return logs[phase]
-
-    with _attach_for(work, setup, cls_forward):
-        out_shape = _output_check(work, size, in_channels, num_classes, "before pruning")
-        if setup["cls_head"]:
-            work.eval()
-            with torch.no_grad():
-                logits = work.forward_cls(torch.zeros(2, in_channels, *size))
-            work.train(was_training)
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2:
-                raise ValueError(f"the classification forward must return logits (N, K_cls); got "
-                                 f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-        params0, flops0 = count_params(work), count_flops(work, size, in_channels)["flops"]
-        widths0 = layer_widths(work)
-        graph = build_graph(work, size)  # training changes weights, not structure: the graph is reused
-        units = discover_units(work, graph, include_coupled)
-        if not units:
-            raise ValueError(f"{type(work).__name__} has no prunable unit: segprune prunes the output channels of "
-                             f"Conv2d layers followed by a BatchNorm, outside never_prune={list(setup['never_prune'])}")
-        unit_part = {u.name: u.part for u in units}
-        calib = calib_loader if calib_loader is not None else seg_loader
-
-        # ---- sparsity training + scores (Algorithm 1, lines 1-7 for MTP) ------------------------------
-        lg = log("sparsity")
-        if seed is not None:
-            torch.manual_seed(int(seed) + 2)
-        if meth is None:
-            mtp = run_mtp(work, units, cls_loader, seg_loader, mcfg, ignore_index, lg)
-            scores = unit_gammas(work, units, mtp.score_sources())  # γ1 from W1, γ2 from W2 (line 9)
-            sparsity = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
-
-            def select(p):
-                return select_channels(scores, unit_part, p, threshold_mode, min_channels)
+def _finetune(work: nn.Module, ft: dict, has_cls: bool, cls_loader, seg_loader, ignore_index: int, log, seed) -> dict:
+    """Algorithm 1, line 11 with the phases ``ft`` asks for; a phase without its data is reported as skipped."""
+    report: dict[str, Any] = {}
+    if ft["cls"] is not None:
+        if has_cls and cls_loader is not None:
+            report["cls"] = finetune_classification(work, cls_loader, ft["cls"], log("finetune_cls"), seed=seed)
         else:
-            fixed_search = None
-            if target_flops_ratio is not None and meth.widths_fixed_in_training:  # ACoSP: widths before training
-                from .pipeline import search_training_keep_ratio
-                fixed_search = search_training_keep_ratio(work, units, meth, float(target_flops_ratio),
-                                                          float(flops_tolerance), size, min_channels, log=lg.write,
-                                                          flops_unpruned=flops0)
-            sparsity = meth.train(work, units, seg_loader, cls_loader, ignore_index, lg) or {}
-            scores = meth.scores(work, units, calib_loader=calib) if target_flops_ratio is not None else None
-
-            def select(p):
-                if scores is None:
-                    return meth.select(work, units, p, threshold_mode, min_channels, calib_loader=calib)
-                return meth.select_from_scores(scores, units, p, threshold_mode, min_channels)
-        t_sparsity = lg.elapsed()
-
-        # ---- thresholds and physical removal (lines 9-10) -----------------------------------------
-        lg = log("prune")
-        flops_target = None
-        if target_flops_ratio is None:
-            kept = select(keep_ratio)
-        elif meth is not None and fixed_search is not None:  # widths were fixed before training
-            flops_target = dict(fixed_search)
-            keep_ratio = flops_target["keep_ratio_found"]
-            kept = select(keep_ratio)
-        else:
-            from .pipeline import search_keep_ratio
-            flops_target = search_keep_ratio(work, units, select, float(target_flops_ratio), float(flops_tolerance),
-                                             size, log=lg.write, flops_unpruned=flops0)
-            kept = flops_target.pop("kept")
-            keep_ratio = flops_target["keep_ratio_found"]
-        prune_channels(work, units, kept, graph)
-        if meth is not None:
-            meth.after_prune(work, lg)
-        spec = widths_spec(units, kept, include_coupled)
-        out_after = _output_check(work, size, in_channels, num_classes, "after pruning")
-        if out_after[1] != out_shape[1]:
-            raise ValueError(f"pruning changed the number of output classes {out_shape[1]} -> {out_after[1]}: "
-                             f"add the final classifier layer to never_prune")
-        params1, flops1 = count_params(work), count_flops(work, size, in_channels)["flops"]
-        t_prune = lg.elapsed()
-
-        # ---- fine-tuning: classification, then segmentation (line 11) --------------------------------
-        ft_report: dict[str, Any] = {}
-        if ft["cls"] is not None:
-            if has_cls and cls_loader is not None:
-                lg = log("finetune_cls")
-                if seed is not None:
-                    torch.manual_seed(int(seed) + 3)
-                ft_report["cls"] = train_classification(work, cls_loader, ft["cls"], lg, forward=work.forward_cls)
-            else:
-                ft_report["cls"] = {"skipped": "no classification head (cls_head) or data (cls_loader)"}
-        if ft["seg"] is not None:
-            lg = log("finetune_seg")
-            if seed is not None:
-                torch.manual_seed(int(seed) + 4)
-            ft_report["seg"] = train_segmentation(work, seg_loader, ft["seg"], ignore_index, lg)
-        work.train(was_training)
-
-    per_part: dict[str, dict] = {}
-    for u in units:
-        d = per_part.setdefault(u.part, {"channels": 0, "kept": 0, "units": 0})
-        d["channels"] += u.channels
-        d["kept"] += spec["units"][u.name]["kept"]
-        d["units"] += 1
-    report = {
-        "method": method, "keep_ratio": keep_ratio, "threshold_mode": threshold_mode, "min_channels": min_channels,
-        "input_size": list(size), "in_channels": in_channels, "output_shape": [None, *out_after[1:]],
-        "params": {"before": params0, "after": params1, "ratio": params1 / params0},
-        "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0},
-        "macs": {"before": flops0 // 2, "after": flops1 // 2},
-        "flops_note": "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2",
-        "units": spec["units"], "parts": per_part,
-        "layer_widths": {"before": widths0, "after": layer_widths(work)},
-        "sparsity": {k: v for k, v in sparsity.items() if isinstance(v, (int, float, str, bool))},
-        "flops_target": flops_target, "finetune": ft_report,
-        "wall_s": {"sparsity": round(t_sparsity, 2), "prune": round(t_prune, 2),
-                   **{k: round(v.elapsed(), 2) for k, v in logs.items() if k.startswith("finetune")},
-                   "total": round(time.perf_counter() - t_start, 2)},
-    }
-    return PruneResult(model=work, report=report, widths=spec, setup=_public_setup(setup))
+            report["cls"] = {"skipped": "no classification head (cls_head) or data (cls_loader)"}
+    if ft["seg"] is not None:
+        report["seg"] = finetune_segmentation(work, seg_loader, ft["seg"], ignore_index, log("finetune_seg"), seed=seed)
+    return report
 
 
 def _resolve_setup(model, parts, never_prune, cls_head, cls_forward, in_channels, size) -> dict:

@@ -14,8 +14,14 @@ import yaml
 __all__ = ["ConfigError", "DEFAULTS", "load_config", "read_yaml_mapping", "apply_overrides", "validate", "merge", "demo_config"]
 
 
-#: ``method.name`` values: MTP (segprune/methods/mtp.py) and the baselines of segprune/methods/.
-METHOD_NAMES = ("mtp", "uniform", "slimming", "thinet", "fpgm", "cap", "sirfp", "acosp")
+
+def __getattr__(name: str):
+    """``METHOD_NAMES``: the ``method.name`` values, read from the method registry
+    (``segprune.methods.base.method_names``: every registered method, MTP first)."""
+    if name == "METHOD_NAMES":
+        from .methods.base import method_names
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Config sections whose keys are free-form (checked by their owner, not by :data:`DEFAULTS`):
 #: ``method.options`` holds method-specific options, validated by the method class
@@ -326,12 +332,13 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
         mi = st["max_iters_per_epoch"]
         need(mi is None or (_num(mi, int) and mi > 0), f"{name}.max_iters_per_epoch", "must be null or > 0")
     me = cfg["method"]
-    need(me["name"] in METHOD_NAMES, "method.name", "must be one of: " + ", ".join(METHOD_NAMES))
+    from .methods.base import check_method_config, method_names  # the method registry (segprune/methods/)
+    names = method_names()
+    need(me["name"] in names, "method.name", "must be one of: " + ", ".join(names))
     need(isinstance(me["options"], dict), "method.options", "must be a mapping of method-specific options")
-    need(me["name"] != "mtp" or not me["options"], "method.options", "MTP has no method.options (its keys are method.*)")
-    if me["name"] in METHOD_NAMES and me["name"] != "mtp" and isinstance(me["options"], dict):
-        from .methods.base import check_options
-        bad += check_options(me["name"], me["options"])
+    if me["name"] in names:  # the named method's options and its own checks (e.g. MTP's lr * mu_max < 1)
+        bad += check_method_config(me)
+    # keys several methods share (each method reads only those in its config_keys)
     need(_num(me["alpha"]) and me["alpha"] >= 0, "method.alpha", "must be >= 0")
     need(isinstance(me["from_scratch"], bool), "method.from_scratch", "must be true or false")
     for key in ("calib_batches", "samples_per_batch"):
@@ -339,18 +346,10 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(_num(me["epochs"], int) and me["epochs"] >= 0, "method.epochs", "must be an integer >= 0")
     need(me["max_iters_per_epoch"] is None or (_num(me["max_iters_per_epoch"], int) and me["max_iters_per_epoch"] > 0),
          "method.max_iters_per_epoch", "must be null or > 0")
-    for key in ("lr_seg", "lr_cls", "lam", "mu0"):
-        need(_num(me[key]) and me[key] > 0, f"method.{key}", "must be > 0")
-    for key in ("alpha1", "alpha2", "weight_decay"):
-        need(_num(me[key]) and me[key] >= 0, f"method.{key}", "must be >= 0")
-    need(_num(me["rho"]) and me["rho"] > 1, "method.rho", "must be > 1 (MTP paper, Eq. 10)")
-    need(_num(me["mu_max"]) and me["mu_max"] >= me["mu0"] if _num(me["mu0"]) else False, "method.mu_max", "must be >= mu0")
-    if _num(me["mu_max"]) and _num(me["lr_seg"]) and _num(me["lr_cls"]):
-        need(max(me["lr_seg"], me["lr_cls"]) * me["mu_max"] < 1.0, "method.mu_max",
-             "lr * mu_max must stay < 1 or the coupling step mu/2||W1-W3||^2 diverges")
-    need(_num(me["update_every"], int) and me["update_every"] > 0, "method.update_every", "must be a positive integer")
+    need(_num(me["lr_seg"]) and me["lr_seg"] > 0, "method.lr_seg", "must be > 0")
+    need(_num(me["weight_decay"]) and me["weight_decay"] >= 0, "method.weight_decay", "must be >= 0")
+    need(_num(me["momentum"]) and 0 <= me["momentum"] < 1, "method.momentum", "must be in [0, 1)")
     need(me["l1_mode"] in ("proximal", "subgradient"), "method.l1_mode", "must be 'proximal' or 'subgradient'")
-    need(me["keep_copy"] in ("w1", "w3"), "method.keep_copy", "must be 'w1' or 'w3'")
     pr = cfg["prune"]
     need(_num(pr["keep_ratio"]) and 0 < pr["keep_ratio"] < 1, "prune.keep_ratio", "must lie in (0, 1), e.g. 0.5")
     need(pr["threshold_mode"] in ("ind", "uni"), "prune.threshold_mode", "must be 'ind' or 'uni'")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -42,14 +41,13 @@ from .engine.log import StageLog
 from .engine.profile import count_flops, profile_model
 from .engine.resume import StageCheckpoint
 from .engine.train import make_loader, train_classification, train_segmentation
-from .methods.base import build_method, method_class, method_config
-from .methods.mtp import run_mtp
+from .algorithm import Budget, choose_widths, finetune_classification, finetune_segmentation, kept_per_part, remove, sparsify
+from .methods.base import PruningMethod, build_method, method_class, method_config
 from .models import build_model
-from .pruning import (apply_widths, build_graph, discover_units, layer_widths, prune_channels, round_kept, select_channels,
-                      unit_gammas, widths_spec)
+from .pruning import apply_widths, build_graph, discover_units, layer_widths, widths_spec
 
-__all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed",
-           "search_keep_ratio", "search_training_keep_ratio", "pruned_flops", "stage_dir"]
+__all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed", "stage_dir",
+           "model_input_size"]
 
 STAGES = ("pretrain_cls", "train_seg", "sparsity", "prune", "finetune_cls", "finetune_seg", "evaluate")
 ARCH_FORMAT = "segprune-arch/1"
@@ -116,7 +114,8 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
     so a finished stage can be shared between them (``Pipeline(share=...)``, the sweep runner):
     the classification pre-training and the baseline depend on model, data, ``train`` and
     :func:`baseline_seed`; sparsity training adds ``method``, ``seed`` and which groups are
-    prunable (and, for a method whose widths are fixed before training, ACoSP, the FLOPs target);
+    prunable (and, for a method whose widths are fixed before training, ACoSP, the FLOPs target
+    or, without a target and without ``method.options.keep_ratio``, ``prune.keep_ratio``);
     pruning adds ``prune`` (with ``target_flops_ratio`` and ``flops_tolerance`` only when a
     FLOPs target is set); each fine-tuning adds its own section; evaluation ``eval``.
     """
@@ -131,137 +130,19 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
         "finetune_seg": {"finetune": cfg["finetune"]["seg"]},
         "evaluate": {"eval": _eval_fingerprint(cfg["eval"]), "split": cfg["data"]["seg"]["eval_split"]},
     }
-    if cfg["prune"].get("target_flops_ratio") is not None and \
-            getattr(method_class(cfg["method"]["name"]), "widths_fixed_in_training", False):
-        # ACoSP trains for the widths the FLOPs target gives: the target enters its sparsity stage
-        parts["sparsity"]["flops_target"] = {k: cfg["prune"].get(k) for k in
-                                             ("target_flops_ratio", "flops_tolerance", "min_channels")}
+    if getattr(method_class(cfg["method"]["name"]), "widths_fixed_in_training", False):
+        if cfg["prune"].get("target_flops_ratio") is not None:
+            # ACoSP trains for the widths the FLOPs target gives: the target enters its sparsity stage
+            parts["sparsity"]["flops_target"] = {k: cfg["prune"].get(k) for k in
+                                                 ("target_flops_ratio", "flops_tolerance", "min_channels")}
+        elif (cfg["method"].get("options") or {}).get("keep_ratio") is None:
+            # no keep ratio of its own: it trains for prune.keep_ratio (algorithm.fix_training_widths)
+            parts["sparsity"]["training_keep_ratio"] = cfg["prune"]["keep_ratio"]
     out, prev = {}, ""
     for stage in STAGES:
         blob = json.dumps({"prev": prev, **parts[stage]}, sort_keys=True, default=str)
         prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:20]
     return out
-
-
-def pruned_flops(model: nn.Module, units: list, kept: dict[str, torch.Tensor], input_size: tuple[int, int]) -> int:
-    """FLOPs (2 per multiply-add, :func:`count_flops`) at ``input_size`` of ``model`` pruned to ``kept``.
-
-    Exact: a deep copy is traced, pruned physically with ``prune_channels`` and counted; ``model``
-    itself is not changed.
-    """
-    clone = copy.deepcopy(model)
-    prune_channels(clone, units, kept, build_graph(clone, tuple(input_size)))
-    return int(count_flops(clone, tuple(input_size), in_channels=int(getattr(model, "input_channels", 3)))["flops"])
-
-
-def search_keep_ratio(model: nn.Module, units: list, select, target: float, tolerance: float,
-                      input_size: tuple[int, int], max_probes: int = 14, log=None,
-                      flops_unpruned: int | None = None) -> dict:
-    """Find the keep ratio p whose selection prunes ``model`` to ``target`` x its FLOPs, by bisection.
-
-    Args:
-        model: the unpruned network (not changed).
-        units: its prunable units.
-        select: ``select(p) -> {unit name: kept indices}``, the method's selection rule on scores
-            computed once (MTP: ``select_channels``; a ``PruningMethod``: ``select_from_scores``).
-            The kept sets must grow with p (true of every rule here), so FLOPs(p) is non-decreasing.
-        target: wanted FLOPs(pruned) / FLOPs(unpruned), in (0, 1).
-        tolerance: absolute tolerance on that ratio (> 0); the search stops at the first probe
-            within it.
-        input_size: (H, W) at which FLOPs are counted.
-        max_probes: at most this many keep ratios are tried (interval [0, 1] halved each time).
-        log: optional ``log(str)``.
-        flops_unpruned: FLOPs of ``model`` if already counted.
-
-    Returns:
-        {"kept", "target_flops_ratio", "flops_tolerance", "keep_ratio_found", "flops_ratio_achieved",
-        "flops_target_met" (|achieved - target| <= tolerance), "flops_unpruned", "flops_pruned",
-        "flops_probes" ([[p, ratio], ...] in probe order)}. When no probe lands within the tolerance
-        (the channel counts are discrete, or min_channels bounds the ratio from below), the probe
-        closest to the target is returned (ties: the one with fewer FLOPs) and ``flops_target_met``
-        is False.
-
-    Raises:
-        ValueError: target outside (0, 1), tolerance <= 0 or max_probes < 1.
-    """
-    target, tolerance = float(target), float(tolerance)
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"prune.target_flops_ratio={target!r} must lie in (0, 1)")
-    if not tolerance > 0.0:
-        raise ValueError(f"prune.flops_tolerance={tolerance!r} must be > 0")
-    if int(max_probes) < 1:
-        raise ValueError(f"max_probes={max_probes!r} must be >= 1")
-    size = tuple(input_size)
-    f0 = int(flops_unpruned) if flops_unpruned is not None else int(
-        count_flops(model, size, in_channels=int(getattr(model, "input_channels", 3)))["flops"])
-    order = {u.name: i for i, u in enumerate(units)}
-    cache: dict[tuple, int] = {}  # FLOPs depend only on how many channels each unit keeps
-    lo, hi = 0.0, 1.0
-    probes, best = [], None
-    for _ in range(int(max_probes)):
-        p = (lo + hi) / 2.0
-        kept = select(p)
-        key = tuple(sorted((order.get(n, n), int(k.numel())) for n, k in kept.items()))
-        if key not in cache:
-            cache[key] = pruned_flops(model, units, kept, size)
-        flops = cache[key]
-        r = flops / f0
-        probes.append([p, r])
-        if log is not None:
-            log(f"  probe {len(probes)}: keep ratio {p:.6f} -> FLOPs ratio {r:.4f}")
-        cand = (abs(r - target), flops, p, r, kept)
-        if best is None or cand[:2] < best[:2]:
-            best = cand
-        if abs(r - target) <= tolerance:
-            break
-        if r > target:
-            hi = p
-        else:
-            lo = p
-    _, flops, p, r, kept = best
-    met = abs(r - target) <= tolerance
-    if log is not None:
-        if met:
-            log(f"FLOPs target {target:g} met: keep ratio {p:.6f} gives FLOPs ratio {r:.4f} "
-                f"(|diff| {abs(r - target):.4f} <= tolerance {tolerance:g}) after {len(probes)} probes")
-        else:
-            why = ("the smallest widths allowed by prune.min_channels give more FLOPs" if r > target and p < 0.01
-                   else "the discrete channel counts allow no closer ratio")
-            log(f"FLOPs target {target:g} NOT met within tolerance {tolerance:g}: {why}; using the closest "
-                f"achieved ratio {r:.4f} (keep ratio {p:.6f}) after {len(probes)} probes")
-    return {"kept": kept, "target_flops_ratio": target, "flops_tolerance": tolerance, "keep_ratio_found": p,
-            "flops_ratio_achieved": r, "flops_target_met": met, "flops_unpruned": f0, "flops_pruned": flops,
-            "flops_probes": probes}
-
-
-def search_training_keep_ratio(model: nn.Module, units: list, method, target: float, tolerance: float,
-                               input_size: tuple[int, int], min_channels: int = 1, log=None,
-                               flops_unpruned: int | None = None) -> dict:
-    """FLOPs target for a method whose widths are fixed *before* training (ACoSP's k per unit).
-
-    Such a method cannot bisect its selection after training: the learned masks only make sense
-    for the k they were trained with. The widths depend on the keep ratio alone, not on which
-    channels are kept, so the same bisection as :func:`search_keep_ratio` runs on the untrained
-    network, each probe keeping the first ``method.fixed_widths(units, p, min_channels)[name]``
-    channels of every unit. The keep ratio found is then set as the method's training keep ratio
-    (``method.set_training_keep_ratio``).
-
-    Args:
-        method: a ``PruningMethod`` with ``widths_fixed_in_training`` (its ``fixed_widths`` must
-            be non-decreasing in p).
-        min_channels: ``prune.min_channels``, the floor of every unit's width.
-        Other arguments and the return value: as :func:`search_keep_ratio`, without ``"kept"``;
-        ``keep_ratio_found`` is the keep ratio the method now trains with.
-
-    Raises:
-        ValueError: as :func:`search_keep_ratio`.
-    """
-    def select(p):
-        return {n: torch.arange(int(k)) for n, k in method.fixed_widths(units, p, min_channels).items()}
-    res = search_keep_ratio(model, units, select, target, tolerance, input_size, log=log, flops_unpruned=flops_unpruned)
-    res.pop("kept")
-    method.set_training_keep_ratio(res["keep_ratio_found"])
-    return res
 
 
 def save_model(stage_dir: Path, model: nn.Module, arch: dict) -> None:
@@ -297,6 +178,18 @@ def load_run_model(stage_dir: Path) -> tuple[nn.Module, dict]:
     weights = stage_dir / "model.safetensors"
     load_into_model(model, load_state_dict(weights), str(weights))
     return model, arch
+
+
+class _RunState:
+    """What one :meth:`Pipeline.run` hands from stage to stage (models, units, the method)."""
+
+    def __init__(self, seg_eval, cls_eval):
+        self.seg_eval, self.cls_eval = seg_eval, cls_eval
+        self.model = self.base = self.baseline = self.sparse = self.pruned = self.ft = self.final = None
+        self.method: PruningMethod | None = None
+        self.graph = None
+        self.units: list | None = None
+        self.metrics: dict | None = None
 
 
 class Pipeline:
@@ -474,20 +367,9 @@ class Pipeline:
         return (make_loader(self.seg_eval, d["seg"]["eval_batch_size"], False, 0, d["seg"]["num_workers"], shard=True),
                 make_loader(self.cls_eval, d["cls"]["eval_batch_size"], False, 0, d["cls"]["num_workers"], shard=True))
 
-    def _training_keep_ratio(self, meth, model: nn.Module, units: list, size: tuple[int, int], log) -> dict | None:
-        """With ``prune.target_flops_ratio`` and a method whose widths are fixed before training
-        (ACoSP), search and set its training keep ratio (:func:`search_training_keep_ratio`);
-        returns the search record (None without a target or for other methods)."""
-        pr = self.cfg["prune"]
-        target = pr.get("target_flops_ratio")
-        if target is None or not meth.widths_fixed_in_training:
-            return None
-        log.write(f"FLOPs target {target:g} (tolerance {pr.get('flops_tolerance', 0.01):g}): {meth.name} fixes its "
-                  f"widths before training; searching its training keep ratio at input {size[0]}x{size[1]}")
-        return search_training_keep_ratio(model, units, meth, float(target), float(pr.get("flops_tolerance", 0.01)),
-                                          size, pr["min_channels"], log=log.write)
-
-    def _load_or(self, stage: str):
+    def _load_finished(self, stage: str):
+        """The model of ``stage`` if the stage is finished (here, or adopted from a ``share`` folder
+        with the same fingerprint), placed on this rank's device; None if it has to run."""
         if self._done(stage) is None and self.share:
             if ddp.is_main():
                 self._adopt(stage)
@@ -501,6 +383,13 @@ class Pipeline:
             return model
         return None
 
+    def _method(self) -> PruningMethod:
+        return build_method(self.cfg["method"], input_size=model_input_size(self.cfg))
+
+    def _calib_loader(self):
+        """Calibration batches of the prune stage (ThiNet, SIRFP): training images in a fixed order."""
+        return make_loader(self.seg_train, self.cfg["data"]["seg"]["batch_size"], True, int(self.cfg["seed"]) + 5)
+
     # ------------------------------------------------------------------------------------
     def run(self, stop_after: str | None = None) -> dict | None:
         """Run (or resume) every stage; return the metrics dict also written to metrics.json.
@@ -508,211 +397,154 @@ class Pipeline:
         ``stop_after``: a stage name; stop once it is done and return None (e.g. ``"train_seg"``
         trains only the baseline, which a sweep then shares).
         """
-        cfg = self.cfg
         if stop_after is not None and stop_after not in STAGES:
             raise ConfigError(f"stop_after={stop_after!r}: not a stage ({', '.join(STAGES)})")
         # every stage gets fresh loaders (data order independent of which stages ran in this process)
-        seg_eval, cls_eval = self._eval_loaders()
-        ign = self.ignore_index
+        run = _RunState(*self._eval_loaders())
+        for stage in STAGES:
+            getattr(self, f"_stage_{stage}")(run)
+            if stage == stop_after:
+                return None
+        return run.metrics
 
-        # 1. classification pre-training (Eq. 1)
-        model = self._load_or("pretrain_cls")
-        if model is None:
-            log = self._log("pretrain_cls")
-            _seed(self.bseed)
-            model = self._place(build_model(dict(cfg["model"]), self.num_classes, self.cls_classes))
-            ddp.broadcast_module(model)  # several processes: one initialisation (identical seeds give it anyway)
-            st = train_classification(model.backbone, self._loaders(baseline=True)[1], cfg["train"]["pretrain_cls"], log,
-                                      ckpt=self._ckpt("pretrain_cls"))
-            top1 = evaluate_classification(model.forward_cls, cls_eval)["top1"]
-            log.write(f"backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
-            self._finish("pretrain_cls", model, self._arch(None), log, {**st, "top1": top1})
-        if stop_after == "pretrain_cls":
-            return None
+    def _stage_pretrain_cls(self, run: "_RunState") -> None:
+        """1. classification pre-training of the backbone (Eq. 1)."""
+        run.model = self._load_finished("pretrain_cls")
+        if run.model is not None:
+            return
+        cfg, log = self.cfg, self._log("pretrain_cls")
+        _seed(self.bseed)
+        model = self._place(build_model(dict(cfg["model"]), self.num_classes, self.cls_classes))
+        ddp.broadcast_module(model)  # several processes: one initialisation (identical seeds give it anyway)
+        st = train_classification(model.backbone, self._loaders(baseline=True)[1], cfg["train"]["pretrain_cls"], log,
+                                  ckpt=self._ckpt("pretrain_cls"))
+        top1 = evaluate_classification(model.forward_cls, run.cls_eval)["top1"]
+        log.write(f"backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
+        self._finish("pretrain_cls", model, self._arch(None), log, {**st, "top1": top1})
+        run.model = model
 
-        # 2. segmentation training (Eq. 2): the baseline
-        base = self._load_or("train_seg")
+    def _stage_train_seg(self, run: "_RunState") -> None:
+        """2. segmentation training of backbone + decoder (Eq. 2): the baseline."""
+        base = self._load_finished("train_seg")
         if base is None:
             log = self._log("train_seg")
             _seed(self.bseed + 1)
-            st = train_segmentation(model, self._loaders(baseline=True)[0], cfg["train"]["seg"], ign, log,
-                                    ckpt=self._ckpt("train_seg"))
-            self._finish("train_seg", model, self._arch(None), log, st)
-            base = model
-        if stop_after == "train_seg":
-            return None
-        baseline = copy.deepcopy(base)
+            st = train_segmentation(run.model, self._loaders(baseline=True)[0], self.cfg["train"]["seg"],
+                                    self.ignore_index, log, ckpt=self._ckpt("train_seg"))
+            self._finish("train_seg", run.model, self._arch(None), log, st)
+            base = run.model
+        run.base, run.baseline = base, None
 
-        # 3. MTP sparsity training (Algorithm 1, lines 1-7)
-        size = model_input_size(cfg)
-        pr = cfg["prune"]
-        sparse_dir = self._stage_dir("sparsity")
-        sparse = self._load_or("sparsity")
-        method = cfg["method"]["name"]
-        baseline_method = None if method == "mtp" else build_method(cfg["method"])
-        graph = None
-        if sparse is None:
-            graph = build_graph(base, size)  # training changes weights, not structure: reused below
-            units = discover_units(base, graph, pr["prune_coupled"])
-            log = self._log("sparsity")
-            _seed(cfg["seed"] + 2)
-            if method == "mtp":
-                seg_loader, cls_loader = self._loaders()
-                mtp = run_mtp(base, units, cls_loader, seg_loader, cfg["method"], ign, log, ckpt=self._ckpt("sparsity"))
-                scores = unit_gammas(base, units, mtp.score_sources())
-                info = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
-                if mtp.rank_digests is not None:  # several processes: E, μ, W1, model digests of every rank
-                    info["rank_digests"] = mtp.rank_digests
-            else:  # baselines: optional sparsity training, scores taken at the prune stage
-                seg_loader, cls_loader = self._loaders()
-                kw = {"ckpt": self._ckpt("sparsity")} if "ckpt" in inspect.signature(baseline_method.train).parameters else {}
-                search = self._training_keep_ratio(baseline_method, base, units, size, log)
-                info = baseline_method.train(base, units, seg_loader, cls_loader, ign, log, **kw) or {}
-                if search is not None:
-                    info["flops_search"] = search
-                scores = unit_gammas(base, units)
-                learned = baseline_method.trained_state()
-                if learned and ddp.is_main():  # e.g. SIRFP's redundancy EMAs: a resume after this stage scores with them
-                    sparse_dir.mkdir(parents=True, exist_ok=True)
-                    save_state_dict(sparse_dir / "method_state.safetensors",
-                                    {k: v.contiguous() for k, v in learned.items()})
-            if ddp.is_main():
-                sparse_dir.mkdir(parents=True, exist_ok=True)
-                save_state_dict(sparse_dir / "scores.safetensors", {k: v.contiguous() for k, v in scores.items()})
-            self._finish("sparsity", base, self._arch(None), log, {"method": method, **info})
-            sparse = base
-        if stop_after == "sparsity":
-            return None
-        scores = load_state_dict(sparse_dir / "scores.safetensors")
+    def _stage_sparsity(self, run: "_RunState") -> None:
+        """3. the method's sparsity training (Algorithm 1, lines 1-7; ``algorithm.sparsify``)."""
+        run.baseline = copy.deepcopy(run.base)
+        run.method = self._method()
+        sparse = self._load_finished("sparsity")
+        if sparse is not None:
+            run.sparse = sparse
+            return
+        cfg, size, sparse = self.cfg, model_input_size(self.cfg), run.base
+        run.graph = build_graph(sparse, size)  # training changes weights, not structure: reused by the prune stage
+        run.units = discover_units(sparse, run.graph, cfg["prune"]["prune_coupled"])
+        log = self._log("sparsity")
+        seg_loader, cls_loader = self._loaders()
+        meth = run.method
+        info = sparsify(meth, sparse, run.units, seg_loader, cls_loader, self.ignore_index, log,
+                        Budget.from_config(cfg["prune"]), size, ckpt=self._ckpt("sparsity"), seed=int(cfg["seed"]))
+        d = self._stage_dir("sparsity")
+        if ddp.is_main():
+            d.mkdir(parents=True, exist_ok=True)
+            learned = meth.trained_state()
+            if learned:  # e.g. SIRFP's redundancy EMAs, MTP's γ1: a resume after this stage scores with them
+                save_state_dict(d / "method_state.safetensors", {k: v.contiguous() for k, v in learned.items()})
+            record = meth.gamma_record(sparse, run.units)
+            save_state_dict(d / "scores.safetensors", {k: v.contiguous() for k, v in record.items()})
+        self._finish("sparsity", sparse, self._arch(None), log, {"method": meth.name, **info})
+        run.sparse = sparse
 
-        # 4. pruning (lines 9-10): thresholds + physical removal
-        pruned = self._load_or("prune")
-        if pruned is None:
-            log = self._log("prune")
-            if self.device.type != "cpu":  # tracing, selection and physical removal run on the CPU
-                sparse, graph = sparse.cpu(), None
-            if graph is None:  # sparsity stage was loaded from disk: trace the loaded model
-                graph = build_graph(sparse, size)
-                units = discover_units(sparse, graph, pr["prune_coupled"])
-                state_file = sparse_dir / "method_state.safetensors"
-                if baseline_method is not None and state_file.is_file():
-                    baseline_method.load_trained_state(sparse, units, load_state_dict(state_file), str(state_file))
-            target = pr.get("target_flops_ratio")
-            parts = {u.name: u.part for u in units}
-            flops0 = count_flops(sparse, size)["flops"]  # before prune_channels, which works in place
-            round_to = int(pr.get("round_to", 1))
-            if target is None:
-                if method == "mtp":  # γ1 from W1, γ2 from W2 (Algorithm 1, line 9), Ind/Uni thresholds
-                    kept = select_channels(scores, parts, pr["keep_ratio"], pr["threshold_mode"], pr["min_channels"])
-                    rank = scores
-                else:
-                    calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
-                    kept = baseline_method.select(sparse, units, pr["keep_ratio"], pr["threshold_mode"],
-                                                  pr["min_channels"], calib_loader=calib)
-                    rank = None
-                    if round_to > 1:  # the method's own ranking decides which channels rounding adds or drops
-                        calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
-                        rank = baseline_method.scores(sparse, units, calib_loader=calib)
-                unrounded = sum(k.numel() for k in kept.values())
-                kept = round_kept(kept, rank, round_to)
-                flops_info = {"target_flops_ratio": None}
-            elif baseline_method is not None and baseline_method.widths_fixed_in_training:
-                # FLOPs target met before training (ACoSP's k): keep the widths searched in the sparsity stage
-                search = load_json(sparse_dir / "done.json").get("flops_search")
-                if not isinstance(search, dict) or "keep_ratio_found" not in search:
-                    raise CheckpointError(f"{sparse_dir / 'done.json'}: no 'flops_search' record, but "
-                                          f"prune.target_flops_ratio={target} is set and {method} fixes its widths "
-                                          "in training: delete that stage folder to re-run sparsity training with the target")
-                p_found = float(search["keep_ratio_found"])
-                baseline_method.set_training_keep_ratio(p_found)
-                rank = baseline_method.scores(sparse, units)  # the learned logits (no calibration data)
-                kept = baseline_method.select_from_scores(rank, units, p_found, pr["threshold_mode"], pr["min_channels"])
-                unrounded = sum(k.numel() for k in kept.values())
-                kept = round_kept(kept, rank, round_to)
-                log.write(f"FLOPs target {target:g}: widths fixed before sparsity training at keep ratio {p_found:.6f} "
-                          f"(FLOPs ratio {search['flops_ratio_achieved']:.4f} in that search); prune.keep_ratio is ignored")
-                flops_info = {k: search[k] for k in ("target_flops_ratio", "flops_tolerance", "keep_ratio_found",
-                                                     "flops_probes") if k in search}
-            else:  # FLOPs target: score once, then bisect the keep ratio of the method's selection rule
-                if method == "mtp":
-                    def select(p, _s=scores):  # rounding inside the search: the target is met after rounding
-                        return round_kept(select_channels(_s, parts, p, pr["threshold_mode"], pr["min_channels"]),
-                                          _s, round_to)
-                else:
-                    calib = make_loader(self.seg_train, cfg["data"]["seg"]["batch_size"], True, int(cfg["seed"]) + 5)
-                    unit_scores = baseline_method.scores(sparse, units, calib_loader=calib)
+    def _restore_method_state(self, run: "_RunState") -> None:
+        """The sparsity stage was loaded from disk: give the method what its training learned."""
+        d, meth = self._stage_dir("sparsity"), run.method
+        state_file = d / "method_state.safetensors"
+        if not state_file.is_file() and meth.legacy_state_file:  # a run folder of an earlier segprune
+            state_file = d / meth.legacy_state_file
+        if state_file.is_file():
+            meth.load_trained_state(run.sparse, run.units, load_state_dict(state_file), str(state_file))
 
-                    def select(p, _s=unit_scores):
-                        return round_kept(baseline_method.select_from_scores(_s, units, p, pr["threshold_mode"],
-                                                                             pr["min_channels"]), _s, round_to)
-                log.write(f"FLOPs target {target:g} (tolerance {pr.get('flops_tolerance', 0.01):g}): "
-                          f"prune.keep_ratio={pr['keep_ratio']} is ignored; searching the keep ratio by bisection "
-                          f"at input {size[0]}x{size[1]}")
-                res = search_keep_ratio(sparse, units, select, target, pr.get("flops_tolerance", 0.01), size,
-                                        log=log.write, flops_unpruned=flops0)
-                kept = res.pop("kept")
-                unrounded = None
-                flops_info = res
-            # several processes: every rank computed the same selection; rank 0's is the one applied everywhere
-            kept, unrounded, flops_info = ddp.broadcast_object((kept, unrounded, flops_info))
-            if round_to > 1:
-                total = sum(k.numel() for k in kept.values())
-                flops_info["round_to"] = round_to
-                if unrounded is not None:
-                    flops_info["kept_channels_before_rounding"] = unrounded
-                log.write(f"widths rounded to multiples of {round_to}: {total} channels kept"
-                          + (f" (before rounding {unrounded})" if unrounded is not None else " (rounded inside the search)"))
-            pruned = prune_channels(sparse, units, kept, graph)
-            if baseline_method is not None:
-                baseline_method.after_prune(pruned, log)
-            spec = widths_spec(units, kept, pr["prune_coupled"])
-            m = evaluate_segmentation(pruned, seg_eval, self.num_classes, ign)
-            log.write(f"before fine-tuning: mIoU {m['miou']:.4f}")
-            per_part = {}
-            for u in units:
-                a = per_part.setdefault(u.part, [0, 0])
-                a[0] += spec["units"][u.name]["kept"]
-                a[1] += u.channels
-            log.write("kept channels per part: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_part.items()))
-            f1 = count_flops(pruned, size)["flops"]  # the pruned network itself (with a target: as in the search)
-            if flops_info.get("flops_pruned") not in (None, f1):
-                log.write(f"warning: the search counted {flops_info['flops_pruned']} FLOPs for this selection, "
-                          f"the pruned network has {f1}; recording the latter")
-            flops_info.update(flops_unpruned=flops0, flops_pruned=f1, flops_ratio_achieved=f1 / flops0)
-            if target is not None:
-                flops_info["flops_target_met"] = abs(f1 / flops0 - target) <= float(flops_info["flops_tolerance"])
-            log.write(f"FLOPs ratio {flops_info['flops_ratio_achieved']:.4f} at input {size[0]}x{size[1]}")
-            self._finish("prune", pruned, self._arch(spec), log, {"miou_before_finetune": m["miou"],
-                         "kept_per_part": per_part, **flops_info})
-            self._place(pruned)
-        if stop_after == "prune":
-            return None
+    def _stage_prune(self, run: "_RunState") -> None:
+        """4. scores, widths for the budget and physical removal (lines 9-10; ``algorithm.choose_widths``, ``remove``)."""
+        run.pruned = self._load_finished("prune")
+        if run.pruned is not None:
+            return
+        cfg, log, size = self.cfg, self._log("prune"), model_input_size(self.cfg)
+        pr, sparse = cfg["prune"], run.sparse
+        if self.device.type != "cpu":  # tracing, selection and physical removal run on the CPU
+            sparse, run.graph = sparse.cpu(), None
+        if run.graph is None:  # sparsity stage loaded from disk (or moved): trace the model as it is now
+            run.graph = build_graph(sparse, size)
+            run.units = discover_units(sparse, run.graph, pr["prune_coupled"])
+            self._restore_method_state(run)
+        units, meth = run.units, run.method
+        flops0 = count_flops(sparse, size)["flops"]  # before removal, which works in place
+        training_search = None
+        if pr.get("target_flops_ratio") is not None and meth.widths_fixed_in_training:
+            sparse_done = self._stage_dir("sparsity") / "done.json"
+            training_search = load_json(sparse_done).get("flops_search")
+            if not isinstance(training_search, dict) or "keep_ratio_found" not in training_search:
+                raise CheckpointError(f"{sparse_done}: no 'flops_search' record, but prune.target_flops_ratio="
+                                      f"{pr['target_flops_ratio']} is set and {meth.name} fixes its widths in training: "
+                                      "delete that stage folder to re-run sparsity training with the target")
+        kept, flops_info = choose_widths(meth, sparse, units, Budget.from_config(pr), size,
+                                         calib_loader=self._calib_loader(), log=log.write,
+                                         training_search=training_search, flops_unpruned=flops0)
+        pruned = remove(meth, sparse, units, kept, run.graph, log)
+        spec = widths_spec(units, kept, pr["prune_coupled"])
+        m = evaluate_segmentation(pruned, run.seg_eval, self.num_classes, self.ignore_index)
+        log.write(f"before fine-tuning: mIoU {m['miou']:.4f}")
+        per_part = {k: [d["kept"], d["channels"]] for k, d in kept_per_part(units, kept).items()}
+        log.write("kept channels per part: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_part.items()))
+        self._finish("prune", pruned, self._arch(spec), log, {"miou_before_finetune": m["miou"], "kept_per_part": per_part,
+                     **self._flops_record(pruned, flops0, flops_info, size, log)})
+        run.pruned = self._place(pruned)
 
-        # 5./6. fine-tuning: classification then segmentation (line 11)
-        ft = self._load_or("finetune_cls")
+    def _flops_record(self, pruned: nn.Module, flops0: int, flops_info: dict, size, log) -> dict:
+        """``flops_info`` completed with the FLOPs of the pruned network itself (what the search counted, if any)."""
+        target = self.cfg["prune"].get("target_flops_ratio")
+        f1 = count_flops(pruned, size)["flops"]
+        if flops_info.get("flops_pruned") not in (None, f1):
+            log.write(f"warning: the search counted {flops_info['flops_pruned']} FLOPs for this selection, "
+                      f"the pruned network has {f1}; recording the latter")
+        flops_info = {**flops_info, "flops_unpruned": flops0, "flops_pruned": f1, "flops_ratio_achieved": f1 / flops0}
+        if target is not None:
+            flops_info["flops_target_met"] = abs(f1 / flops0 - target) <= float(flops_info["flops_tolerance"])
+        log.write(f"FLOPs ratio {flops_info['flops_ratio_achieved']:.4f} at input {size[0]}x{size[1]}")
+        return flops_info
+
+    def _stage_finetune_cls(self, run: "_RunState") -> None:
+        """5. fine-tune the pruned backbone on classification (line 11)."""
+        ft = self._load_finished("finetune_cls")
         if ft is None:
-            log = self._log("finetune_cls")
-            _seed(cfg["seed"] + 3)
-            st = train_classification(pruned.backbone, self._loaders()[1], cfg["finetune"]["cls"], log,
-                                      ckpt=self._ckpt("finetune_cls"))
-            top1 = evaluate_classification(pruned.forward_cls, cls_eval)["top1"]  # the paper's Table 5
+            log, ft = self._log("finetune_cls"), run.pruned
+            st = finetune_classification(ft, self._loaders()[1], self.cfg["finetune"]["cls"], log,
+                                         ckpt=self._ckpt("finetune_cls"), seed=int(self.cfg["seed"]))
+            top1 = evaluate_classification(ft.forward_cls, run.cls_eval)["top1"]  # the paper's Table 5
             log.write(f"pruned backbone top-1 on {self.cls_eval.describe()}: {top1:.4f}")
-            self._finish("finetune_cls", pruned, self._arch(self._widths()), log, {**st, "top1": top1})
-            ft = pruned
-        if stop_after == "finetune_cls":
-            return None
-        final = self._load_or("finetune_seg")
-        if final is None:
-            log = self._log("finetune_seg")
-            _seed(cfg["seed"] + 4)
-            st = train_segmentation(ft, self._loaders()[0], cfg["finetune"]["seg"], ign, log, ckpt=self._ckpt("finetune_seg"))
-            self._finish("finetune_seg", ft, self._arch(self._widths()), log, st)
-            final = ft
-        if stop_after == "finetune_seg":
-            return None
+            self._finish("finetune_cls", ft, self._arch(self._widths()), log, {**st, "top1": top1})
+        run.ft = ft
 
-        # 7. evaluation
-        return self.evaluate(baseline, final, seg_eval, cls_eval)
+    def _stage_finetune_seg(self, run: "_RunState") -> None:
+        """6. fine-tune the pruned network on segmentation (line 11)."""
+        final = self._load_finished("finetune_seg")
+        if final is None:
+            log, final = self._log("finetune_seg"), run.ft
+            st = finetune_segmentation(final, self._loaders()[0], self.cfg["finetune"]["seg"], self.ignore_index, log,
+                                       ckpt=self._ckpt("finetune_seg"), seed=int(self.cfg["seed"]))
+            self._finish("finetune_seg", final, self._arch(self._widths()), log, st)
+        run.final = final
+
+    def _stage_evaluate(self, run: "_RunState") -> None:
+        """7. mIoU, pixel accuracy, params, FLOPs, latency of the baseline and the pruned network."""
+        run.metrics = self.evaluate(run.baseline, run.final, run.seg_eval, run.cls_eval)
 
     def _widths(self) -> dict:
         return load_json(self._stage_dir("prune") / "arch.json")["widths"]

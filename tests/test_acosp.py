@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import segprune.methods.acosp as acosp_mod
-from test_pipeline import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
+from conftest import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
 from segprune.cli import main
 from segprune.engine.log import StageLog
 from segprune.engine.train import make_loader

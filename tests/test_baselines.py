@@ -221,7 +221,7 @@ def _thinet_toy():
 def test_thinet_removes_the_useless_channel_first_and_keeps_the_dominant_one():
     m = _thinet_toy()
     units = _toy_units(m)
-    meth = build_method({"name": "thinet", "calib_batches": 2, "samples_per_batch": 16, "graph_input_size": [8, 8]})
+    meth = build_method({"name": "thinet", "calib_batches": 2, "samples_per_batch": 16}, input_size=(8, 8))
     assert meth.per_layer
     sl = consumer_slices(m, units, input_size=(8, 8))
     assert [(c, i.tolist()) for c, i in sl["conv1"]] == [("conv2", [0, 1, 2, 3])]
@@ -285,7 +285,7 @@ def test_all_methods_prune_a_toy_deeplab():
     x = torch.randn(1, 3, 32, 32)
     for name in ("uniform", "slimming", "thinet", "fpgm"):
         m = copy.deepcopy(base)
-        meth = build_method({"name": name, "samples_per_batch": 8, "graph_input_size": [32, 32]})
+        meth = build_method({"name": name, "samples_per_batch": 8}, input_size=(32, 32))
         kept = meth.select(m, units, 0.5, "ind", 1, calib_loader=calib)
         assert set(kept) == {u.name for u in units}
         if meth.per_layer:

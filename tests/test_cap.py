@@ -9,7 +9,7 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from test_pipeline import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
+from conftest import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
 from segprune.cli import main
 from segprune.engine.log import StageLog
 from segprune.engine.train import make_loader

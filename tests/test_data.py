@@ -503,7 +503,7 @@ def test_cls_full_scan_stops_the_run_before_anything_is_written(tmp_path, capsys
     """data.cls.validate: true finds a corrupt classification image before any stage starts."""
     import yaml
     from segprune.cli import main
-    from test_pipeline import TINY
+    from conftest import TINY
     root = make_imagefolder(tmp_path / "imf")
     (root / "val" / "ant" / "ant_0.png").write_bytes(b"\x89PNG garbage")
     cfg = yaml.safe_load(yaml.safe_dump(TINY))

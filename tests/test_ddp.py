@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from test_pipeline import TINY
+from conftest import TINY
 from segprune.checkpoint import load_state_dict
 from segprune.engine import distributed as ddp
 from segprune.engine.resume import LoaderCursor

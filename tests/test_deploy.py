@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from test_pipeline import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
+from conftest import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
 from segprune.cli import main
 from segprune.config import DEFAULTS, ConfigError, merge
 from segprune.deploy import eval_images, find_run

@@ -257,7 +257,7 @@ def test_native_size_evaluation_with_input_size_null(tmp_path):
 
     import yaml
 
-    from test_pipeline import TINY
+    from conftest import TINY
     from segprune.cli import main
     from segprune.config import ConfigError, load_config
     from segprune.pipeline import Pipeline

@@ -16,7 +16,7 @@ from segprune.methods import build_method
 from test_data import make_camvid
 from test_method_resume import UNITS, Toy, _loader
 from test_mtp import _batches, _setup
-from test_pipeline import TINY
+from conftest import TINY
 
 
 def test_mtp_non_finite_losses_name_the_equation_and_step():

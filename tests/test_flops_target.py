@@ -13,17 +13,18 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from test_pipeline import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
+from conftest import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
 from segprune.cli import main
 from segprune.compare import collect_runs, render_table, write_csv
 from segprune.config import DEFAULTS, ConfigError, load_config, merge
 from segprune.engine.profile import count_flops
 from segprune.methods import build_method
 from segprune.models import build_model
-from segprune.pipeline import Pipeline, search_keep_ratio, stage_fingerprints
+from segprune.pipeline import Pipeline, stage_fingerprints
+from segprune.pruning.search import search_keep_ratio
 from segprune.pruning import build_graph, discover_units, prune_channels, select_channels
 
-# copied from tests/test_pipeline.py
+# a copy of the shared tiny setting (tests/conftest.py)
 TINY = copy.deepcopy(_PIPELINE_TINY)
 SIZE = (32, 32)
 TOL = 0.01
@@ -181,7 +182,7 @@ def test_fingerprints_acosp_target_enters_its_sparsity_stage():
 def test_acosp_training_keep_ratio_search(target):
     """The searched keep ratio's ACoSP widths (acosp_k per unit) prune to the target within tolerance."""
     from segprune.methods.acosp import acosp_k
-    from segprune.pipeline import search_training_keep_ratio
+    from segprune.pruning.search import search_training_keep_ratio
     m, units = _toy()
     meth = build_method({"name": "acosp", "options": {"min_keep": 2}})
     res = search_training_keep_ratio(m, units, meth, target, TOL, SIZE, min_channels=1)
@@ -243,12 +244,11 @@ def test_pipeline_meets_target_and_records_it(target_run):
     assert m["keep_ratio_found"] == done["keep_ratio_found"] == m["keep_ratio"] and m["keep_ratio_config"] == 0.5
     assert m["flops_ratio_achieved"] == done["flops_ratio_achieved"] == m["ratios"]["flops"]
     assert done["flops_pruned"] == m["pruned"]["flops"] and done["flops_unpruned"] == m["baseline"]["flops"]
-    assert "prune.keep_ratio=0.5 is ignored" in log
-    if m["flops_target_met"]:
-        assert abs(m["ratios"]["flops"] - 0.6) <= TOL and "FLOPs target 0.6 met" in log
-    else:  # discrete channel counts: the closest achievable ratio, said so in the log
-        assert "NOT met" in log and "closest" in log
-        assert min(abs(r - 0.6) for _, r in done["flops_probes"]) == pytest.approx(abs(m["ratios"]["flops"] - 0.6))
+    assert "keep ratio 0.5 is ignored" in log
+    # this toy reaches 0.6 within the tolerance (the unreachable case: test_unreachable_target_reports_closest)
+    assert m["flops_target_met"] is True and done["flops_target_met"] is True
+    assert abs(m["ratios"]["flops"] - 0.6) <= TOL and "FLOPs target 0.6 met" in log
+    assert min(abs(r - 0.6) for _, r in done["flops_probes"]) == pytest.approx(abs(done["flops_probes"][-1][1] - 0.6))
     assert len(done["flops_probes"]) <= 14
     assert "FLOPs target 0.6x" in (out / "report.md").read_text()
 

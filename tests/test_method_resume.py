@@ -112,7 +112,7 @@ def test_prune_after_a_restart_uses_what_training_learned(name, tmp_path):
     import copy
     import json
 
-    from test_pipeline import TINY
+    from conftest import TINY
     from segprune.config import DEFAULTS, merge
     from segprune.pipeline import Pipeline
 

@@ -9,23 +9,7 @@ import yaml
 from segprune.cli import main
 from segprune.config import ConfigError, load_config
 
-TINY = {
-    "seed": 3,
-    "threads": 1,
-    "model": {"name": "deeplabv3_resnet18", "width": 0.125, "aspp_channels": 16, "output_stride": 16},
-    "data": {
-        "seg": {"name": "synthetic", "input_size": [32, 32], "crop_size": [32, 32], "image_size": [32, 32],
-                "num_train": 16, "num_eval": 8, "batch_size": 4, "eval_batch_size": 8},
-        "cls": {"name": "synthetic", "input_size": [16, 16], "image_size": [16, 16], "num_train": 32, "num_eval": 16,
-                "batch_size": 8, "eval_batch_size": 16},
-    },
-    "train": {"pretrain_cls": {"epochs": 1, "lr": 0.05}, "seg": {"epochs": 2, "lr": 0.02}},
-    "method": {"epochs": 1, "alpha1": 0.05, "alpha2": 0.05, "mu0": 0.1, "rho": 1.2, "mu_max": 5.0, "update_every": 1},
-    "prune": {"keep_ratio": 0.5, "threshold_mode": "ind", "min_channels": 1},
-    "finetune": {"cls": {"epochs": 1, "lr": 0.01}, "seg": {"epochs": 1, "lr": 0.01}},
-    "eval": {"latency_runs": 2, "latency_warmup": 1},
-}
-
+from conftest import TINY
 
 def _write(tmp_path, cfg=TINY, name="tiny.yaml"):
     p = tmp_path / name

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from test_pipeline import TINY
+from conftest import TINY
 
 CFG = copy.deepcopy(TINY)
 CFG["checkpoint_every"] = 2

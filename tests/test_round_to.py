@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from test_pipeline import TINY
+from conftest import TINY
 from segprune.config import ConfigError, DEFAULTS, merge, validate
 from segprune.pipeline import Pipeline, stage_fingerprints
 from segprune.pruning import round_kept, rounded_count

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from test_baselines import Toy  # conv1-bn1 -> conv2-bn2 -> conv3 toy net
-from test_pipeline import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
+from conftest import TINY as _PIPELINE_TINY  # the shared tiny synthetic setting
 from segprune.cli import main
 from segprune.engine.log import StageLog
 from segprune.methods import build_method

@@ -13,7 +13,7 @@ from segprune.config import ConfigError, DEFAULTS, merge
 from segprune.pipeline import Pipeline, stage_fingerprints
 from segprune.sweep import _locked_by_other, _release, _try_lock, load_sweep, run_sweep, sweep_status
 
-from test_pipeline import TINY
+from conftest import TINY
 
 
 def _cfg(**over):

@@ -178,9 +178,8 @@ class ACoSP(PruningMethod):
 
     Config keys (``method:``): epochs, lr_seg, momentum, weight_decay, max_iters_per_epoch.
     Options (``method.options``): ``keep_ratio`` (fraction p of channels each unit keeps during
-    training; None = 0.5; set it equal to ``prune.keep_ratio``: the pipeline passes the latter only
-    to :meth:`select`; with ``prune.target_flops_ratio`` leave it None: the pipeline then searches
-    the keep ratio whose widths meet the target before training, see :meth:`fixed_widths`), ``min_keep`` (8), ``tau_start`` (1.0), ``tau_end`` (1e-3),
+    training; None = the budget's: ``prune.keep_ratio``, or with ``prune.target_flops_ratio`` the keep
+    ratio whose widths meet the target, searched before training, see :meth:`fixed_widths`), ``min_keep`` (8), ``tau_start`` (1.0), ``tau_end`` (1e-3),
     ``end_epoch_frac`` (0.75: the mask becomes hard after this fraction of the epochs; 1.0 = only
     at the very end), ``lr_logits`` (None = ``lr_seg``).
 
@@ -195,12 +194,14 @@ class ACoSP(PruningMethod):
                "lr_logits": None}
     config_keys = ("epochs", "lr_seg", "momentum", "weight_decay", "max_iters_per_epoch")
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
+    def __init__(self, cfg, input_size: tuple[int, int] | None = None):
+        super().__init__(cfg, input_size)
         bad = self.validate_options(self.options)
         if bad:
             raise ValueError("; ".join(bad))
         kr = self.options["keep_ratio"]
+        #: the keep ratio the masks are trained for (None until set: the budget's keep ratio)
+        self._training_keep_ratio = None if kr is None else float(kr)
         self.keep_ratio = 0.5 if kr is None else float(kr)
         self.min_keep = int(self.options["min_keep"])
         #: unit name -> logits (C,) after :meth:`train` (None before)
@@ -242,7 +243,7 @@ class ACoSP(PruningMethod):
 
         Depends on p and the unit widths only (not on the learned logits), so the pipeline can
         search the keep ratio of a FLOPs target on the untrained network
-        (``pipeline.search_training_keep_ratio``).
+        (``segprune.pruning.search.search_training_keep_ratio``).
 
         Raises:
             ValueError: keep_ratio outside (0, 1).
@@ -256,7 +257,13 @@ class ACoSP(PruningMethod):
         Raises:
             ValueError: keep_ratio outside (0, 1).
         """
-        self.keep_ratio = check_keep_ratio(keep_ratio)
+        self.keep_ratio = self._training_keep_ratio = check_keep_ratio(keep_ratio)
+
+    @property
+    def training_keep_ratio(self) -> float | None:
+        """``method.options.keep_ratio`` or the keep ratio set by :meth:`set_training_keep_ratio`;
+        None when neither (the core then trains for ``prune.keep_ratio``; used directly, 0.5)."""
+        return self._training_keep_ratio
 
     def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
               ckpt=None) -> dict:
@@ -277,12 +284,12 @@ class ACoSP(PruningMethod):
             NonFiniteLossError: NaN/inf loss.
         """
         c = self.cfg
-        epochs = int(c.get("epochs", 1))
+        epochs = int(c["epochs"])
         lr0 = float(c["lr_seg"])
         lr_logits = float(self.options["lr_logits"] if self.options["lr_logits"] is not None else lr0)
         keep = self.unit_k(units)
         masks = UnitMasks(model, units, keep)
-        n_it = iters_per_epoch(seg_loader, c.get("max_iters_per_epoch"))
+        n_it = iters_per_epoch(seg_loader, c["max_iters_per_epoch"])
         total = n_it * epochs
         end_epoch = float(self.options["end_epoch_frac"]) * epochs
         ts, te = float(self.options["tau_start"]), float(self.options["tau_end"])
@@ -290,9 +297,9 @@ class ACoSP(PruningMethod):
         hard_from = next((i for i in range(total) if i / max(1, n_it) >= end_epoch), None)
         opt = torch.optim.SGD([
             {"params": [p for p in model.parameters() if p.requires_grad],
-             "weight_decay": float(c.get("weight_decay", 1e-4))},
+             "weight_decay": float(c["weight_decay"])},
             {"params": list(masks.logits), "weight_decay": 0.0, "lr_scale": lr_logits / lr0},
-        ], lr=lr0, momentum=float(c.get("momentum", 0.9)))
+        ], lr=lr0, momentum=float(c["momentum"]))
         soft_steps = []  # iterations run soft in this process (none when resumed after hard_from)
 
         def step(x, y, opt, it):
@@ -314,7 +321,7 @@ class ACoSP(PruningMethod):
             opt.step()
             return {"loss": value}
 
-        tcfg = {"epochs": epochs, "lr": lr0, "max_iters_per_epoch": c.get("max_iters_per_epoch")}
+        tcfg = {"epochs": epochs, "lr": lr0, "max_iters_per_epoch": c["max_iters_per_epoch"]}
         try:
             st = train_loop(model, None, seg_loader, tcfg, log, lambda it, tot: poly_lr(lr0, it, tot, 0.9), step,
                             lambda m, e, lr: f"epoch {e + 1}: seg loss {m.get('loss', float('nan')):.4f} lr {lr:.5f} "

@@ -168,8 +168,8 @@ class CAP(Slimming):
     OPTIONS = {"guide": "all", "ema": 0.9, "guide_max": 4.0}
     config_keys = ("alpha", "l1_mode", "epochs", "lr_seg", "momentum", "weight_decay", "max_iters_per_epoch")
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
+    def __init__(self, cfg, input_size: tuple[int, int] | None = None):
+        super().__init__(cfg, input_size)
         bad = self.validate_options(self.options)
         if bad:
             raise ValueError("; ".join(bad))
@@ -258,10 +258,7 @@ class CAP(Slimming):
         guide = self.attach(model, units)
         try:
             step_hook, post_step = self.guided_hooks(model, units, guide)
-            c = self.cfg
-            tcfg = {"epochs": int(c.get("epochs", 1)), "lr": float(c["lr_seg"]), "momentum": float(c.get("momentum", 0.9)),
-                    "weight_decay": float(c.get("weight_decay", 1e-4)), "power": 0.9,
-                    "max_iters_per_epoch": c.get("max_iters_per_epoch")}
+            tcfg = self.seg_training_config()
             st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, step_hook=step_hook, post_step=post_step,
                                     ckpt=ckpt, extra=guide)
         finally:

@@ -65,10 +65,12 @@ from ..engine import distributed as ddp
 from ..engine.log import StageLog
 from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
                              load_optimizer_tensors, module_tensors, optimizer_tensors)
+from ..checkpoint import CheckpointError
 from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, seg_denominator, seg_loss, set_lr
-from ..pruning.groups import PruneUnit, in_part
+from ..pruning.groups import PruneUnit, in_part, unit_gammas
+from .base import PruningMethod, register_method
 
-__all__ = ["MTP", "run_mtp", "l1_prox_", "l1_subgradient_", "MTP_CONFIG_KEYS", "cls_branch"]
+__all__ = ["MTP", "MultiTaskPruning", "run_mtp", "l1_prox_", "l1_subgradient_", "MTP_CONFIG_KEYS", "cls_branch"]
 
 #: the ``method:`` keys MTP reads
 MTP_CONFIG_KEYS = ("epochs", "lr_seg", "lr_cls", "momentum", "weight_decay", "lam", "alpha1", "alpha2", "mu0", "rho",
@@ -342,3 +344,115 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
                   f"{mtp.rank_digests[0]['E']}, mu {mtp.mu:.6g})")
     mtp.finalize()
     return mtp
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@register_method
+class MultiTaskPruning(PruningMethod):
+    """MTP as a :class:`~segprune.methods.base.PruningMethod` (``method.name: mtp``).
+
+    :meth:`train` runs the sparsity training of Eqs. 5-10 (:func:`run_mtp`); :meth:`scores` returns
+    the scaling factors the paper ranks by (Algorithm 1, line 9): |γ1| of the classification copy
+    W1 for backbone units and |γ2| of the decoder W2 for the others (mean over a unit's
+    BatchNorms), thresholded per part ("ind") or globally ("uni") by :meth:`select_from_scores`.
+    The network that is pruned is W2 + W3 (``keep_copy="w3"``) or W2 + W1's backbone
+    (``keep_copy="w1"``), see :class:`MTP`.
+
+    Config keys (``method:``): :data:`MTP_CONFIG_KEYS`. Needs a classification task
+    (:attr:`needs_classification`): a network with a classification head and a classification loader.
+    """
+
+    name = "mtp"
+    per_layer = False
+    needs_classification = True
+    config_keys = MTP_CONFIG_KEYS
+    legacy_state_file = "scores.safetensors"  # run folders written before MTP was a PruningMethod
+
+    def __init__(self, cfg, input_size: tuple[int, int] | None = None):
+        super().__init__(cfg, input_size)
+        self._scores: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def validate_config(cls, c) -> list[str]:
+        """MTP's own checks: λ, lr_cls, μ0 > 0; α1, α2 >= 0; ρ > 1 (Eq. 10); μ_max >= μ0 and
+        max(lr_seg, lr_cls)·μ_max < 1 (else the coupling step μ/2 ||W1 - W3||² diverges);
+        update_every a positive integer; keep_copy 'w1' or 'w3'."""
+        bad = []
+
+        def need(cond, key, msg):
+            if not cond:
+                bad.append(f"method.{key}={c[key]!r}: {msg}")
+        for key in ("lr_cls", "lam", "mu0"):
+            need(_num(c[key]) and c[key] > 0, key, "must be > 0")
+        for key in ("alpha1", "alpha2"):
+            need(_num(c[key]) and c[key] >= 0, key, "must be >= 0")
+        need(_num(c["rho"]) and c["rho"] > 1, "rho", "must be > 1 (MTP paper, Eq. 10)")
+        need(_num(c["mu_max"]) and _num(c["mu0"]) and c["mu_max"] >= c["mu0"], "mu_max", "must be >= mu0")
+        if _num(c["mu_max"]) and _num(c["lr_seg"]) and _num(c["lr_cls"]):
+            need(max(c["lr_seg"], c["lr_cls"]) * c["mu_max"] < 1.0, "mu_max",
+                 "lr * mu_max must stay < 1 or the coupling step mu/2||W1-W3||^2 diverges")
+        need(_num(c["update_every"]) and isinstance(c["update_every"], int) and c["update_every"] > 0, "update_every",
+             "must be a positive integer")
+        need(c["keep_copy"] in ("w1", "w3"), "keep_copy", "must be 'w1' or 'w3'")
+        return bad
+
+    def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
+              ckpt=None) -> dict:
+        """Sparsity training of Eqs. 5-10 (:func:`run_mtp`), in place; the kept copy is written into
+        ``model`` and the scores (γ1 of W1, γ2 of W2) are kept for :meth:`scores`.
+
+        Returns:
+            {"mu", "gap" (||W1 - W3||), "gamma1_zero", "gamma2_zero", "steps"} and, with several
+            processes, "rank_digests" (E, μ, W1 and model digests of every rank).
+
+        Raises:
+            ValueError: no classification head (:func:`cls_branch`) or no ``cls_loader``.
+            NonFiniteLossError: NaN/inf loss.
+        """
+        if cls_loader is None:
+            raise ValueError("MTP needs classification batches (cls_loader) for the W1 step (Eq. 7)")
+        mtp = run_mtp(model, units, cls_loader, seg_loader, self.cfg, ignore_index, log, ckpt=ckpt)
+        self._scores = {k: v.detach().clone() for k, v in unit_gammas(model, units, mtp.score_sources()).items()}
+        info = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
+        if mtp.rank_digests is not None:  # several processes: E, μ, W1, model digests of every rank
+            info["rank_digests"] = mtp.rank_digests
+        return info
+
+    def scores(self, model: nn.Module, units: list[PruneUnit], calib_loader=None) -> dict[str, torch.Tensor]:
+        """Unit name -> |γ| (C,): γ1 of W1 for backbone units, γ2 of the model for the others
+        (Algorithm 1, line 9), as recorded at the end of :meth:`train` (or :meth:`load_trained_state`).
+
+        Raises:
+            RuntimeError: neither :meth:`train` nor :meth:`load_trained_state` ran (W1's γ are
+                known only from the sparsity training).
+        """
+        if self._scores is None:
+            raise RuntimeError("MTP scores are the γ of its sparsity training (W1 for the backbone): run train() "
+                               "or load_trained_state() first")
+        return {u.name: self._scores[u.name] for u in units}
+
+    def gamma_record(self, model: nn.Module, units: list[PruneUnit]) -> dict[str, torch.Tensor]:
+        """The scores (|γ1| of W1 for the backbone, |γ2| for the decoder)."""
+        return self.scores(model, units)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Unit name -> score (C,) (:meth:`scores`), {} before :meth:`train`."""
+        return dict(self._scores or {})
+
+    def load_trained_state(self, model: nn.Module, units: list[PruneUnit], tensors: dict[str, torch.Tensor],
+                           source: str) -> None:
+        """Use stored scores (a run resumed after its sparsity stage).
+
+        Raises:
+            CheckpointError: a unit missing or of another width (names ``source``).
+        """
+        for u in units:
+            t = tensors.get(u.name)
+            if t is None or t.numel() != u.channels:
+                raise CheckpointError(f"{source}: MTP scores of unit {u.name} "
+                                      + ("missing" if t is None else f"have {t.numel()} values, the unit has "
+                                                                     f"{u.channels} channels"))
+        self._scores = {u.name: tensors[u.name].clone() for u in units}

@@ -370,12 +370,12 @@ class SIRFP(PruningMethod):
     OPTIONS = {"ema": 0.999, "edge_weight": 0.0, "self_redundancy": True, "scale_by_hw": False}
     config_keys = ("epochs", "lr_seg", "momentum", "weight_decay", "max_iters_per_epoch", "calib_batches")
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
+    def __init__(self, cfg, input_size: tuple[int, int] | None = None):
+        super().__init__(cfg, input_size)
         bad = self.validate_options(self.options)
         if bad:
             raise ValueError("SIRFP options: " + "; ".join(bad))
-        self.calib_batches = int(self.cfg.get("calib_batches", 2))
+        self.calib_batches = int(self.cfg["calib_batches"])
         if self.calib_batches < 1:
             raise ValueError(f"method.calib_batches={self.calib_batches!r} must be >= 1")
         self._stats = None          # (weakref to the trained model, unit name -> (R, E))
@@ -410,15 +410,13 @@ class SIRFP(PruningMethod):
         ``train_segmentation`` plus ``sirfp_updates`` (EMA updates per BatchNorm).
         """
         c = self.cfg
-        epochs = int(c.get("epochs", 1))
+        epochs = int(c["epochs"])
         self._stats = None
         if epochs == 0:
             log.write(f"sirfp: epochs 0, no training; R is accumulated at the prune stage over "
                       f"{self.calib_batches} calibration batches (eval mode)")
             return {"sirfp_updates": 0}
-        tcfg = {"epochs": epochs, "lr": float(c["lr_seg"]), "momentum": float(c.get("momentum", 0.9)),
-                "weight_decay": float(c.get("weight_decay", 1e-4)), "power": 0.9,
-                "max_iters_per_epoch": c.get("max_iters_per_epoch")}
+        tcfg = self.seg_training_config()
         with self._tracker(model, units) as tr:
             st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, ckpt=ckpt, extra=tr)
         if tr.updates == 0:
@@ -490,7 +488,7 @@ class SIRFP(PruningMethod):
             if ref() is model and all(u.name in stats and stats[u.name][0].shape[0] == u.channels for u in units):
                 self.last_source = "train"
                 return stats
-        if int(self.cfg.get("epochs", 1)) > 0:
+        if int(self.cfg["epochs"]) > 0:
             warnings.warn("SIRFP: no redundancy accumulated by train() for this model (e.g. a resumed run); "
                           f"using {self.calib_batches} calibration batches in eval mode instead", RuntimeWarning,
                           stacklevel=3)

@@ -48,10 +48,10 @@ class Slimming(PruningMethod):
     per_layer = False
     config_keys = ("alpha", "l1_mode", "epochs", "lr_seg", "momentum", "weight_decay", "max_iters_per_epoch")
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.alpha = float(self.cfg.get("alpha", 1e-3))
-        self.l1_mode = self.cfg.get("l1_mode", "proximal")
+    def __init__(self, cfg, input_size: tuple[int, int] | None = None):
+        super().__init__(cfg, input_size)
+        self.alpha = float(self.cfg["alpha"])
+        self.l1_mode = self.cfg["l1_mode"]
         if self.alpha < 0:
             raise ValueError(f"method.alpha={self.alpha!r} must be >= 0")
         if self.l1_mode not in ("proximal", "subgradient"):
@@ -72,10 +72,7 @@ class Slimming(PruningMethod):
         """
         gammas = unit_gamma_params(model, units)
         step_hook, post_step = self.l1_hooks(gammas)
-        c = self.cfg
-        tcfg = {"epochs": int(c.get("epochs", 1)), "lr": float(c["lr_seg"]), "momentum": float(c.get("momentum", 0.9)),
-                "weight_decay": float(c.get("weight_decay", 1e-4)), "power": 0.9,
-                "max_iters_per_epoch": c.get("max_iters_per_epoch")}
+        tcfg = self.seg_training_config()
         st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, step_hook=step_hook, post_step=post_step,
                                 ckpt=ckpt)
         n = sum(g.numel() for g in gammas)

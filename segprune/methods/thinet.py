@@ -129,20 +129,20 @@ def thinet_greedy(gram: torch.Tensor, n_remove: int) -> torch.Tensor:
 class ThiNet(PruningMethod):
     """ThiNet greedy channel selection from next-layer reconstruction (per-layer ratio).
 
-    cfg: ``calib_batches`` (2), ``samples_per_batch`` (64 per image), ``seed`` (0),
-    ``graph_input_size`` ([64, 64], image size for tracing the dependency graph).
+    cfg: ``calib_batches`` (2), ``samples_per_batch`` (64 per image); the dependency graph that
+    maps units to their consumers is traced at ``input_size`` (:class:`PruningMethod`).
     """
 
     name = "thinet"
     config_keys = ("calib_batches", "samples_per_batch")
     per_layer = True
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.calib_batches = int(self.cfg.get("calib_batches", 2))
-        self.samples = int(self.cfg.get("samples_per_batch", 64))
-        self.seed = int(self.cfg.get("seed", 0))
-        self.graph_input_size = tuple(self.cfg.get("graph_input_size", (64, 64)))
+    def __init__(self, cfg, input_size: tuple[int, int] | None = None):
+        super().__init__(cfg, input_size)
+        self.calib_batches = int(self.cfg["calib_batches"])
+        self.samples = int(self.cfg["samples_per_batch"])
+        self.seed = 0  # seed of the position sampling generator (fixed: not a config key)
+        self.graph_input_size = self.input_size
         if self.calib_batches < 1 or self.samples < 1:
             raise ValueError("method.calib_batches and method.samples_per_batch must be >= 1")
 

@@ -55,9 +55,9 @@ class Uniform(PruningMethod):
     config_keys = ("from_scratch",)
     per_layer = True
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        fs = self.cfg.get("from_scratch", False)
+    def __init__(self, cfg, input_size: tuple[int, int] | None = None):
+        super().__init__(cfg, input_size)
+        fs = self.cfg["from_scratch"]
         if not isinstance(fs, bool):
             raise ValueError(f"method.from_scratch={fs!r} must be true or false")
         self.from_scratch = fs
