@@ -2,14 +2,22 @@
 
 The pipeline is run twice on the same config through the CLI: once in one process, once with
 ``python -m torch.distributed.run --nproc_per_node=2`` (2 processes, global batch unchanged), and
-the run folders are compared. Tolerances: the two runs add the same numbers in a different order
-(per-rank partial sums + all-reduce; BatchNorm statistics of the global batch computed from
-all-reduced float64 sums), so they agree to float32 rounding, not bitwise. On this short
-schedule the measured differences are ~5e-6 relative in the weights and 0 in every metric; the
-asserted tolerances leave a wide margin. Longer schedules at larger learning rates are chaotic on
-this tiny network: there even the 1-process run with 2 intra-op threads instead of 1 ends with
-different pruned widths (docs/distributed.md), so the test keeps the schedule short.
+the run folders are compared.
+
+Both runs are made in **float64** (``tests/_float64_cli.py``). The two runs add the same numbers in
+a different order (per-rank partial sums + all-reduce; BatchNorm statistics of the global batch from
+float64 sums instead of the native kernel), so they can only agree to rounding. In float32 that
+rounding depends on the CPU's instruction set (oneDNN and ATen pick other kernels, hence other
+summation orders, on SSE4.1, AVX, AVX2, AVX-512) and training amplifies it (measured, 1 vs 2
+processes at SSE4.1: 7e-6 relative in the weights after segmentation training, 2e-3 after MTP's
+sparsity training, 1e-1 after fine-tuning), while the γ gaps at the pruning threshold of this short
+schedule are only 6e-7 to 1e-5 (γ ≈ 1 after 4 sparsity steps): which channel is pruned was decided
+by rounding, and the tests passed only on AVX2 (issue 13). In float64 the measured differences are
+≤ 3e-13 relative, 6 orders of magnitude below those gaps, on every instruction set; the tolerances
+below (``F64_REL``) are stated against that spread. The one-step test of SyncBN, dropout and the
+gradient sum stays in float32 (one step: no amplification). See docs/distributed.md.
 """
+import contextlib
 import copy
 import json
 import os
@@ -41,6 +49,20 @@ DDP["distributed"] = {"backend": "gloo", "device": "cpu"}
 
 TRAIN_STAGES = ("01_pretrain_cls", "02_train_seg", "03_sparsity", "05_finetune_cls", "06_finetune_seg")
 
+#: Relative tolerance of the float64 run comparisons (training losses, MTP's ||W1 - W3||, weights
+#: per tensor against the tensor's largest entry). Measured, 1 vs 2 processes and SSE4.1 vs AVX2
+#: kernels: at most 2.4e-13 (weights), 1.4e-15 (losses), 6e-16 (||W1 - W3||). 1e-9 leaves a margin
+#: of 4000 over that, and lies 3 to 8 orders of magnitude below the float32 spread of the same
+#: comparison (3e-8 to 1e-1), so a run that silently computed in float32 fails it.
+F64_REL = 1e-9
+
+#: Another summation order for the guard test: oneDNN capped at SSE4.1 and ATen's vectorised
+#: kernels at their portable build (read when torch loads, hence only in a subprocess). On this
+#: project's AVX2 machine both change float64 results (measured: 1e-14 in the weights).
+OTHER_KERNELS = {"ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"}
+
+_F64_CLI = str(Path(__file__).with_name("_float64_cli.py"))
+
 
 def _env():
     env = {k: v for k, v in os.environ.items()
@@ -55,11 +77,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cfg_path: Path, out: Path, nproc: int, extra=(), kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = _env()
+def _run(cfg_path: Path, out: Path, nproc: int, extra=(), kill_at: str | None = None,
+         env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``segprune run`` in float64 (tests/_float64_cli.py), in 1 process or under torchrun."""
+    env = {**_env(), **(env_extra or {})}
     if kill_at:  # engine.resume.fault_point: every rank SIGKILLs itself after that iteration
         env["SEGPRUNE_KILL_AT"] = kill_at
-    cli = ["-m", "segprune.cli", "run", str(cfg_path), "--out", str(out), *extra]
+    cli = [_F64_CLI, "run", str(cfg_path), "--out", str(out), *extra]
     if nproc == 1:
         cmd = [sys.executable, *cli]
     else:
@@ -83,6 +107,50 @@ def runs(tmp_path_factory):
 
 def _json(p: Path):
     return json.loads(p.read_text())
+
+
+@contextlib.contextmanager
+def _float64_default():
+    """torch's default dtype float64 in this process (as tests/_float64_cli.py sets it in the runs)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def _assert_same_pipeline(a: Path, b: Path) -> None:
+    """Run folders ``a`` and ``b`` hold the same pipeline result: equal pruned widths, parameter
+    counts, FLOPs and evaluation metrics; training losses, MTP's ||W1 - W3|| and every stage's
+    float64 weights within ``F64_REL``."""
+    assert _json(b / "stages/04_prune/arch.json")["widths"] == _json(a / "stages/04_prune/arch.json")["widths"]
+    m1, m2 = _json(a / "metrics.json"), _json(b / "metrics.json")
+    assert m1["kept_per_part"] == m2["kept_per_part"]
+    for key in ("baseline", "pruned"):
+        for k in ("params", "flops", "macs"):
+            assert m1[key][k] == m2[key][k], (key, k)
+        # Equal, no tolerance: a pixel's (an image's) predicted class can only change if two class
+        # scores lie within the float64 spread (~1e-13 relative) of each other.
+        for k in ("miou", "pixel_acc", "per_class_iou", "cls_top1"):
+            assert m1[key][k] == m2[key][k], (key, k, m1[key][k], m2[key][k])
+    for st in TRAIN_STAGES:  # training losses (global means over the same batches)
+        d1, d2 = _json(a / "stages" / st / "done.json"), _json(b / "stages" / st / "done.json")
+        assert d1["fingerprint"] == d2["fingerprint"] and d1.get("iters") == d2.get("iters")
+        if "loss" in d1:
+            assert d2["loss"] == pytest.approx(d1["loss"], rel=F64_REL, abs=0), st
+    s1, s2 = _json(a / "stages/03_sparsity/done.json"), _json(b / "stages/03_sparsity/done.json")
+    assert s1["mu"] == s2["mu"] and s1["steps"] == s2["steps"]  # μ: Eq. 10's schedule, the same steps
+    assert s2["gap"] == pytest.approx(s1["gap"], rel=F64_REL, abs=0)  # ||W1 - W3||, from which E accumulates
+    for st in TRAIN_STAGES + ("04_prune",):
+        w1, w2 = (load_state_dict(d / "stages" / st / "model.safetensors") for d in (a, b))
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            if w1[k].is_floating_point():
+                assert w1[k].dtype == w2[k].dtype == torch.float64, (st, k)  # the runs really were float64
+                assert (w1[k] - w2[k]).abs().max() <= F64_REL * w1[k].abs().max(), (st, k)
+            else:
+                assert torch.equal(w1[k], w2[k]), (st, k)
 
 
 # ---- the sampler ---------------------------------------------------------------------------------
@@ -214,27 +282,20 @@ def _sync_bn_refuses_cpu():
 # ---- the pipeline: 1 process vs 2 processes --------------------------------------------------------
 def test_two_processes_give_the_one_process_widths_and_metrics(runs):
     one, two, _ = runs
-    assert _json(two / "stages/04_prune/arch.json")["widths"] == _json(one / "stages/04_prune/arch.json")["widths"]
-    m1, m2 = _json(one / "metrics.json"), _json(two / "metrics.json")
-    for key in ("baseline", "pruned"):
-        for k in ("params", "flops", "macs"):
-            assert m1[key][k] == m2[key][k]
-        # float32 rounding may flip a few pixels' argmax: 2e-3 = 65 of the 32,768 eval pixels (measured: 0)
-        for k in ("miou", "pixel_acc"):
-            assert abs(m1[key][k] - m2[key][k]) <= 2e-3, (key, k, m1[key][k], m2[key][k])
-        assert abs(m1[key]["cls_top1"] - m2[key]["cls_top1"]) <= 1 / 16 + 1e-9  # at most 1 of 16 images (measured: 0)
-    assert m1["kept_per_part"] == m2["kept_per_part"]
-    for st in TRAIN_STAGES:  # training losses (global means over the same batches)
-        d1, d2 = _json(one / "stages" / st / "done.json"), _json(two / "stages" / st / "done.json")
-        assert d1["fingerprint"] == d2["fingerprint"] and d1.get("iters") == d2.get("iters")
-        if "loss" in d1:
-            assert d2["loss"] == pytest.approx(d1["loss"], rel=1e-4)
-    # the weights themselves (measured max |diff| ~1e-6)
-    w1, w2 = (load_state_dict(d / "stages/06_finetune_seg/model.safetensors") for d in (one, two))
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        if w1[k].is_floating_point():
-            assert (w1[k] - w2[k]).abs().max() <= 1e-4, k
+    _assert_same_pipeline(one, two)
+
+
+def test_one_process_on_other_kernels_gives_the_two_process_result(runs, tmp_path):
+    """Guard for issue 13: the equivalence must not hold for one summation order only. A 1-process
+    run with oneDNN capped at SSE4.1 and ATen's portable kernels (``OTHER_KERNELS``: other
+    summation orders on any x86 CPU) gives the 2-process run of the default kernels, with the
+    assertions of the test above. (It also compares two instruction sets in one process.)"""
+    one, two, _ = runs
+    out = tmp_path / "other_kernels"
+    r = _run(one.parent / "ddp.yaml", out, 1, ["--quiet"], env_extra=OTHER_KERNELS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_pipeline(two, out)
+    _assert_same_pipeline(one, out)
 
 
 def test_mtp_multipliers_identical_on_both_ranks(runs):
@@ -245,7 +306,7 @@ def test_mtp_multipliers_identical_on_both_ranks(runs):
     for key in ("E", "mu", "W1", "model"):  # bitwise: every rank took the same steps
         assert digests[0][key] == digests[1][key], key
     assert d2["mu"] == d1["mu"] and d2["steps"] == d1["steps"]
-    assert d2["gap"] == pytest.approx(d1["gap"], rel=1e-3)
+    assert d2["gap"] == pytest.approx(d1["gap"], rel=F64_REL, abs=0)  # ||W1 - W3|| of the 1-process run
     assert "rank_digests" not in d1 and "world_size" not in d1  # a single process records nothing new
     assert "E and mu identical on the 2 ranks" in (two / "logs/sparsity.log").read_text()
 
@@ -274,7 +335,8 @@ def test_two_process_checkpoints_load_in_one_process(runs, capsys):
         keys = load_state_dict(two / "stages" / st / "model.safetensors").keys()
         assert keys == load_state_dict(one / "stages" / st / "model.safetensors").keys()
         assert not any(k.startswith("module.") for k in keys)
-    assert main(["evaluate", str(two)]) == 0
+    with _float64_default():  # the run's precision (a float32 model would round the float64 weights)
+        assert main(["evaluate", str(two)]) == 0
     assert "reproduced exactly" in capsys.readouterr().out
 
 
@@ -294,7 +356,7 @@ def test_batch_not_divisible_by_the_processes_is_refused(tmp_path, monkeypatch):
 def test_in_stage_checkpoint_of_two_processes_resumes_in_one_process(runs, tmp_path):
     """Both ranks killed mid-epoch (SIGKILL after iteration 3 of train_seg, checkpoints every 2): the
     partial checkpoint rank 0 wrote at iteration 2 (global data position, SGD momentum, RNG) resumes
-    in a single process and ends where the uninterrupted 1-process run ends (float tolerance as above).
+    in a single process and ends where the uninterrupted 1-process run ends (``F64_REL``, as above).
 
     Mid-epoch on purpose: a checkpoint taken at the *last* batch of an epoch does not resume to the
     uninterrupted result even in a single process (engine.train.train_loop skips the finished epoch
@@ -313,8 +375,4 @@ def test_in_stage_checkpoint_of_two_processes_resumes_in_one_process(runs, tmp_p
     r = _run(path, out, 1, ["--quiet"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at iteration 2 (epoch 1, batch 2)" in (out / "logs/train_seg.log").read_text()  # rank 0's checkpoint
-    assert _json(out / "stages/04_prune/arch.json")["widths"] == _json(one / "stages/04_prune/arch.json")["widths"]
-    assert _json(out / "stages/02_train_seg/done.json")["loss"] == pytest.approx(
-        _json(one / "stages/02_train_seg/done.json")["loss"], rel=1e-4)
-    w1, w2 = (load_state_dict(d / "stages/06_finetune_seg/model.safetensors") for d in (one, out))
-    assert all((w1[k] - w2[k]).abs().max() <= 1e-4 for k in w1 if w1[k].is_floating_point())
+    _assert_same_pipeline(one, out)

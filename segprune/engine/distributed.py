@@ -145,11 +145,19 @@ def device() -> torch.device:
 
 
 def to_device(*tensors: torch.Tensor, like: torch.Tensor | None = None):
-    """Move tensors to ``like``'s device (CPU tensors to a CPU model: unchanged objects)."""
+    """Move tensors to ``like``'s device, and floating tensors to ``like``'s floating dtype.
+
+    ``like`` is a parameter of the model the batch is fed to. The datasets yield float32 images;
+    a model built in float64 (``torch.set_default_dtype(torch.float64)``, as the distributed
+    equivalence tests do) receives them in float64. A float32 CPU model gets the same tensor
+    objects back (nothing is copied).
+    """
     dev = like.device if like is not None else device()
+    dtype = like.dtype if like is not None and like.is_floating_point() else None
+    out = tuple(t.to(dtype) if dtype is not None and t.is_floating_point() else t for t in tensors)
     if dev.type == "cpu":
-        return tensors
-    return tuple(t.to(dev, non_blocking=True) for t in tensors)
+        return out
+    return tuple(t.to(dev, non_blocking=True) for t in out)
 
 
 def _comm_device() -> torch.device:
