@@ -38,6 +38,9 @@ _SEG_DATA = {
     "scale_range": [0.5, 2.0], "hflip": True, "ignore_index": 255, "train_split": "train", "eval_split": "test",
     "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
     "num_train": 256, "num_eval": 64, "num_kinds": 4, "image_size": [64, 64], "validate": True,
+    # name: folder only (your own data; mmsegmentation's key names; segprune/data/folder.py, docs/datasets.md)
+    "folder": {"img_dir": "images", "ann_dir": "labels", "img_suffix": ".jpg", "seg_map_suffix": ".png",
+               "ann_file": None, "classes": None, "palette": None, "reduce_zero_label": False},
 }
 _CLS_DATA = {
     "name": "imagefolder", "root": "../shared/data/tiny_imagenet_subset", "input_size": [64, 64],
@@ -318,6 +321,8 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     seg = cfg["data"]["seg"]
     from .data import SEG_DATASET_NAMES  # the registry of segmentation datasets (segprune/data/)
     need(seg["name"] in SEG_DATASET_NAMES, "data.seg.name", "must be one of: " + ", ".join(SEG_DATASET_NAMES))
+    from .data.folder import folder_config_problems  # data.seg.folder (name: folder, your own data)
+    bad += folder_config_problems(cfg)
     need(cfg["data"]["cls"]["name"] in ("imagefolder", "synthetic"), "data.cls.name", "must be 'imagefolder' or 'synthetic'")
     sr = seg["scale_range"]
     need(isinstance(sr, list) and len(sr) == 2 and all(_num(x) and x > 0 for x in sr) and sr[0] <= sr[1],

@@ -119,7 +119,9 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
     pruning adds ``prune`` (with ``target_flops_ratio`` and ``flops_tolerance`` only when a
     FLOPs target is set); each fine-tuning adds its own section; evaluation ``eval``.
     """
-    data = {sec: {k: v for k, v in d.items() if k not in _DATA_IGNORED} for sec, d in cfg["data"].items()}
+    data = {sec: {k: v for k, v in d.items() if k not in _DATA_IGNORED  # data.seg.folder only counts for name folder:
+                  and not (k == "folder" and d.get("name") != "folder")}  # other runs keep their fingerprints
+            for sec, d in cfg["data"].items()}
     parts = {
         "pretrain_cls": {"model": _model_fingerprint(cfg["model"]), "data": data, "train": cfg["train"]["pretrain_cls"],
                          "seed": baseline_seed(cfg)},

@@ -4,8 +4,10 @@ The factories take the plain ``dict`` of a YAML config section.
 
 Segmentation config (``build_seg_dataset``)::
 
-    name: camvid | voc_sbd | cityscapes | ade20k | synthetic
+    name: camvid | voc_sbd | cityscapes | ade20k | folder | synthetic
     root: path                     # every dataset but synthetic (layouts: docs/datasets.md)
+    folder: {img_dir, ann_dir, img_suffix, seg_map_suffix, ann_file, classes, palette, reduce_zero_label}
+                                   # folder only: your own data (segprune/data/folder.py)
     input_size: [H, W]             # eval input size and train base size (optional: keep native)
     crop_size: [h, w]              # train crop (default: input_size, else synthetic image_size)
     scale_range: [lo, hi]          # default [0.5, 2.0]
@@ -37,6 +39,7 @@ from .ade20k import ADE20K
 from .camvid import CamVid
 from .cityscapes import Cityscapes
 from .errors import DataError
+from .folder import FolderSegDataset, folder_options, read_classes
 from .imagefolder import ImageFolderDataset, list_class_dirs
 from .paired import PairedSegDataset
 from .synthetic import SyntheticClassification, SyntheticSegmentation
@@ -63,6 +66,7 @@ __all__ = [
     "Cityscapes",
     "ADE20K",
     "PairedSegDataset",
+    "FolderSegDataset",
     "SEG_DATASETS",
     "SEG_DATASET_NAMES",
     "ImageFolderDataset",
@@ -85,8 +89,9 @@ SEG_DATASETS: dict[str, type] = {
     "cityscapes": Cityscapes,
     "ade20k": ADE20K,
 }
-#: Every accepted ``data.seg.name``.
-SEG_DATASET_NAMES: tuple[str, ...] = (*SEG_DATASETS, "synthetic")
+#: Every accepted ``data.seg.name``: ``folder`` is a user's own data (:class:`FolderSegDataset`, its
+#: classes come from the config, see ``data.seg.folder``).
+SEG_DATASET_NAMES: tuple[str, ...] = (*SEG_DATASETS, "folder", "synthetic")
 
 
 def _get(cfg: Mapping, key: str, default: Any = _MISSING, section: str = "data") -> Any:
@@ -179,6 +184,11 @@ def build_seg_dataset(cfg: dict, split: str, train: bool, seed: int = 0) -> Data
     if name in SEG_DATASETS:
         return SEG_DATASETS[name](_get(cfg, "root", section=section), split, transform,
                                   ignore_index=ignore_index, seed=seed)
+    if name == "folder":
+        ds = FolderSegDataset.from_config(cfg, split, transform, seed=seed)
+        if not train and input_size is not None and int(_get(cfg, "eval_batch_size", 1, section)) > 1:
+            ds.check_uniform_label_size()  # labels keep their size in evaluation: a batch must agree
+        return ds
     return SyntheticSegmentation(
         _synthetic_count(cfg, split, section),
         image_size=image_size,
@@ -241,14 +251,17 @@ def build_cls_dataset(cfg: dict, split: str, train: bool, seed: int = 0) -> Data
 
 def seg_num_classes(cfg: dict) -> int:
     """Number of segmentation classes (excluding ignore): CamVid 11, VOC 21, Cityscapes 19,
-    ADE20K 150, synthetic ``num_kinds + 1``. No file is read.
+    ADE20K 150, synthetic ``num_kinds + 1``, folder ``len(folder.classes)``. No file is read but
+    the folder dataset's classes file.
 
     Raises:
-        DataError: unknown ``name``.
+        DataError: unknown ``name``; folder: missing/bad ``folder.classes`` or classes file.
     """
     name = _name(cfg, SEG_DATASET_NAMES, "seg data")
     if name in SEG_DATASETS:
         return SEG_DATASETS[name].num_classes
+    if name == "folder":
+        return len(read_classes(folder_options(cfg)["classes"], cfg.get("root")))
     return int(_get(cfg, "num_kinds", 4, "seg data")) + 1
 
 
