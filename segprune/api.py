@@ -503,8 +503,8 @@ def _check_method_inputs(meth: PruningMethod, setup: dict, has_cls: bool, seg_lo
         if seg_loader is None:
             missing.append("seg_loader (segmentation batches (x, y))")
         if missing:
-            what = "MTP (multi-task pruning)" if meth.name == "mtp" else f"method {meth.name!r}"
-            raise ValueError(f"{what} needs a classification task next to segmentation; missing: "
+            raise ValueError(f"{meth.name.upper()} ({type(meth).__name__}) needs a classification task next to "
+                             "segmentation; missing: "
                              + "; ".join(missing) + ". Without classification data use a single-task method, "
                              "e.g. method='slimming', 'fpgm', 'thinet' or 'uniform'.")
     if type(meth).train is not PruningMethod.train and seg_loader is None:
