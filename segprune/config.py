@@ -98,6 +98,9 @@ DEFAULTS: dict[str, Any] = {
     # single process. backend null = nccl with CUDA, else gloo; device null = cuda:LOCAL_RANK when CUDA is
     # available, else cpu; sync_bn = BatchNorm statistics of the global batch; timeout_s = collective timeout
     "distributed": {"backend": None, "device": None, "sync_bn": True, "timeout_s": 1800},
+    # where the run computes: auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    # (segprune/engine/device.py); not part of the stage fingerprints, so stages are shared across devices
+    "device": "auto",
 }
 
 
@@ -396,6 +399,9 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(dd["device"] in (None, "cpu", "cuda"), "distributed.device", "must be null (cuda when available), 'cpu' or 'cuda'")
     need(isinstance(dd["sync_bn"], bool), "distributed.sync_bn", "must be true or false")
     need(_num(dd["timeout_s"]) and dd["timeout_s"] > 0, "distributed.timeout_s", "must be a number of seconds > 0")
+    from .engine.device import device_problem  # the spelling only; whether CUDA exists is checked at run time
+    dev_bad = device_problem(cfg.get("device", "auto"))
+    need(dev_bad is None, "device", dev_bad or "")
     if bad and raise_error:
         raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
     return bad

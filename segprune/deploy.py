@@ -8,6 +8,13 @@ Two entry points, used by ``segprune export`` and ``segprune benchmark`` (and ``
 * :func:`benchmark` times PyTorch eager and ONNX Runtime on CPU for each model and batch size
   (warm-up, then median and p10/p90 of the timed runs), beside params and FLOPs/MACs.
 
+Device (``--device``, the config key ``device``; ``segprune.engine.device``): on the CPU everything is as
+described above. On a CUDA device the export still traces the model on the CPU; the export check runs
+PyTorch on the device (TF32 off) against ONNX Runtime's ``CUDAExecutionProvider`` where it is installed
+(``onnxruntime-gpu``), else its CPU provider; the benchmark times PyTorch eager with CUDA events after the
+warm-up and ONNX Runtime's CUDA provider (I/O bound on the device) where installed. These CUDA code paths
+have not been run on a GPU in this project.
+
 Exporter: torch 2.13's ``torch.onnx.export`` defaults to the ``torch.export``-based (dynamo) exporter,
 which needs the ``onnxscript`` package; segprune does not depend on it, so every export here uses the
 TorchScript exporter explicitly (``dynamo=False``, dynamic batch via ``dynamic_axes``). That path is
@@ -35,12 +42,13 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_json, save_json, atomic_write_bytes
 from .config import ConfigError, load_config, read_run_config
+from .engine.device import describe_device, resolve_device, strict_fp32
 from .engine.profile import _percentile  # one percentile definition for eager and ORT timings
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "EXPORTER", "INPUT_NAME", "OUTPUT_NAME",
     "find_run", "run_input_size", "eval_images", "export_onnx", "check_onnx", "export_run",
-    "ort_session", "measure_ort_latency", "benchmark", "render_benchmark", "write_benchmark",
+    "ort_session", "ort_cuda_available", "measure_ort_latency", "benchmark", "render_benchmark", "write_benchmark",
     "cpu_model", "sidecar_path", "load_benchmark",
 ]
 
@@ -207,12 +215,20 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int], o
             "exporter": EXPORTER, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def ort_session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session: ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``,
-    sequential execution, all graph optimisations (``ORT_ENABLE_ALL``).
+def ort_cuda_available() -> bool:
+    """True if the installed ONNX Runtime has the ``CUDAExecutionProvider`` (package ``onnxruntime-gpu``)."""
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def ort_session(path: str | Path, threads: int = 1, device: torch.device | None = None):
+    """An ONNX Runtime session: ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``,
+    sequential execution, all graph optimisations (``ORT_ENABLE_ALL``); the CPU provider, or for a CUDA
+    ``device`` the ``CUDAExecutionProvider`` on that device (TF32 off; CPU fallback for unsupported
+    nodes; not run on a GPU in this project).
 
     Raises:
-        ValueError: ``threads < 1``.
+        ValueError: ``threads < 1``, or a CUDA ``device`` without the CUDA provider installed.
         onnxruntime.capi.onnxruntime_pybind11_state.Fail etc.: the file cannot be loaded.
     """
     import onnxruntime as ort
@@ -224,33 +240,45 @@ def ort_session(path: str | Path, threads: int = 1):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    providers: list = ["CPUExecutionProvider"]
+    if device is not None and torch.device(device).type == "cuda":  # not run on a GPU in this project
+        if not ort_cuda_available():
+            raise ValueError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        idx = torch.device(device).index or 0
+        providers = [("CUDAExecutionProvider", {"device_id": idx, "use_tf32": 0}), "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
 
-def check_onnx(path: str | Path, model: nn.Module, images: torch.Tensor, threads: int = 1) -> dict:
-    """Compare ONNX Runtime (CPUExecutionProvider) with PyTorch eval mode on the same images.
+def check_onnx(path: str | Path, model: nn.Module, images: torch.Tensor, threads: int = 1,
+               device: torch.device | None = None) -> dict:
+    """Compare ONNX Runtime with PyTorch eval mode on the same images.
 
     Args:
         path: an ONNX file from :func:`export_onnx`.
-        model: the PyTorch model it was exported from.
+        model: the PyTorch model it was exported from (run where it is, the images moved to it; on a
+            GPU with TF32 off).
         images: float32 ``(N, 3, H, W)``; run through ONNX Runtime as one batch.
+        device: a CUDA device: ONNX Runtime's CUDA provider there when installed (else the CPU's).
 
     Returns:
         ``{"images": N, "pixels": N*H*W, "max_abs_diff": max |logit_ort - logit_torch|,
         "mean_abs_diff", "agreement": fraction of pixels whose argmax over the K classes agrees,
-        "output_shape": [N, K, H, W]}``.
+        "output_shape": [N, K, H, W], "ort_provider": the provider that ran, "torch_device"}``.
 
     Raises:
         CheckpointError: ONNX Runtime's output shape differs from PyTorch's (names the file).
     """
-    sess = ort_session(path, threads)
-    x = images.detach().to(torch.float32).contiguous()
+    cuda = device is not None and torch.device(device).type == "cuda" and ort_cuda_available()
+    sess = ort_session(path, threads, device if cuda else None)
+    x = images.detach().to(device="cpu", dtype=torch.float32).contiguous()
     ort_out = torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
     flags = [(m, m.training) for m in model.modules()]
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
     try:
         model.eval()
-        with torch.inference_mode():
-            ref = model(x).float()
+        with torch.inference_mode(), strict_fp32(dev):
+            ref = model(x.to(dev)).float().cpu()
     finally:
         for m, flag in flags:
             m.training = flag
@@ -260,7 +288,8 @@ def check_onnx(path: str | Path, model: nn.Module, images: torch.Tensor, threads
     agree = (ort_out.argmax(1) == ref.argmax(1)).double().mean().item()
     n, _, h, w = ref.shape
     return {"images": int(n), "pixels": int(n * h * w), "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()), "agreement": float(agree), "output_shape": list(ref.shape)}
+            "mean_abs_diff": float(diff.mean()), "agreement": float(agree), "output_shape": list(ref.shape),
+            "ort_provider": sess.get_providers()[0], "torch_device": str(dev)}
 
 
 def sidecar_path(onnx_path: str | Path) -> Path:
@@ -270,13 +299,14 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 
 
 def export_run(run_dir: str | Path, onnx_path: str | Path, opset: int = DEFAULT_OPSET, images: int = 8,
-               baseline: bool = False, threads: int = 1) -> dict:
+               baseline: bool = False, threads: int = 1, device: str | torch.device | None = "cpu") -> dict:
     """Export the pruned (or, ``baseline=True``, the unpruned) model of a run folder and check it.
 
     The model is rebuilt with :func:`segprune.pipeline.load_run_model` from ``arch.json`` +
     ``model.safetensors`` (no pickle), exported by :func:`export_onnx` at the run's input size,
-    then compared by :func:`check_onnx` on the first ``images`` eval images of the run's dataset.
-    The record is written as JSON next to the model (:func:`sidecar_path`).
+    then compared by :func:`check_onnx` on the first ``images`` eval images of the run's dataset, with
+    PyTorch on ``device`` (a spec of ``engine.device.resolve_device`` or a torch.device; ``None``: the
+    run's ``device`` key). The record is written as JSON next to the model (:func:`sidecar_path`).
 
     Returns:
         the sidecar dict: ``format``, ``run``, ``model`` (``"pruned"``/``"baseline"``), ``stage``,
@@ -285,7 +315,8 @@ def export_run(run_dir: str | Path, onnx_path: str | Path, opset: int = DEFAULT_
         plus ``split``, ``atol``, ``min_agreement`` and ``ok``), versions and a timestamp.
 
     Raises:
-        ConfigError: not a run folder / fine-tuning not finished / no baseline stage / bad opset.
+        ConfigError: not a run folder / fine-tuning not finished / no baseline stage / bad opset / a
+            device this machine does not have (raised before anything is read or written).
         CheckpointError: the stage's files cannot be rebuilt into a model.
         DataError: the run's eval data cannot be read.
         ValueError: ``images < 1``.
@@ -297,8 +328,10 @@ def export_run(run_dir: str | Path, onnx_path: str | Path, opset: int = DEFAULT_
     _check_opset(opset)
     if images < 1:
         raise ValueError(f"--images must be >= 1, got {images}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device) if device is not None else None
     run = Path(run_dir)
     cfg, stages = find_run(run)
+    dev = dev or resolve_device(cfg.get("device", "auto"))
     which = "baseline" if baseline else "pruned"
     if which not in stages:
         raise ConfigError(f"{run}: no finished baseline stage (stages/*_train_seg/done.json)")
@@ -308,15 +341,15 @@ def export_run(run_dir: str | Path, onnx_path: str | Path, opset: int = DEFAULT_
     x, split = eval_images(cfg, images)
     if tuple(x.shape[-2:]) != size:
         raise ConfigError(f"{run}: eval images are {tuple(x.shape[-2:])}, expected input_size {size}")
-    info = export_onnx(model, onnx_path, size, opset)
-    chk = check_onnx(onnx_path, model, x, threads)
+    info = export_onnx(model, onnx_path, size, opset)  # traced on the CPU
+    fl = count_flops(model, size)
+    chk = check_onnx(onnx_path, model.to(dev), x, threads, dev)
     chk.update(split=split, atol=CHECK_ATOL, min_agreement=CHECK_MIN_AGREEMENT,
                ok=bool(chk["max_abs_diff"] <= CHECK_ATOL and chk["agreement"] >= CHECK_MIN_AGREEMENT))
-    fl = count_flops(model, size)
     rec = {"format": "segprune-onnx/1", "onnx": str(onnx_path), "run": str(run), "model": which,
            "stage": stages[which].name, **info, "num_classes": int(arch["num_classes"]),
            "params": count_params(model), "flops": fl["flops"], "macs": fl["macs"], "flops_note": fl["note"],
-           "check": chk, "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+           "check": chk, "device": describe_device(dev), "torch_version": torch.__version__, "onnx_version": onnx.__version__,
            "onnxruntime_version": onnxruntime.__version__,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     save_json(sidecar_path(onnx_path), rec)
@@ -327,11 +360,14 @@ def export_run(run_dir: str | Path, onnx_path: str | Path, opset: int = DEFAULT_
 # latency
 # ------------------------------------------------------------------------------------------------
 def measure_ort_latency(session, input_size: Sequence[int], batch_size: int = 1, warmup: int = 5,
-                        runs: int = 20) -> dict:
+                        runs: int = 20, device: torch.device | None = None) -> dict:
     """Wall-clock latency of ``session.run`` on a zero ``(batch_size, 3, H, W)`` float32 input.
 
     Same protocol as :func:`segprune.engine.profile.measure_latency`: ``warmup`` untimed runs,
-    then ``runs`` runs each timed with ``time.perf_counter``.
+    then ``runs`` runs each timed with ``time.perf_counter``. For a CUDA ``device`` (a session of
+    :func:`ort_session` on it) input and output are bound on the device (I/O binding), so the time is
+    the model's, without host-device copies; ORT's CUDA run returns once the device has finished.
+    Not run on a GPU in this project.
 
     Returns:
         ``{"median_ms", "p10_ms", "p90_ms", "min_ms", "runs", "warmup", "batch_size",
@@ -345,12 +381,20 @@ def measure_ort_latency(session, input_size: Sequence[int], batch_size: int = 1,
         raise ValueError(f"need runs >= 1, warmup >= 0, batch_size >= 1; got {runs}, {warmup}, {batch_size}")
     h, w = int(input_size[0]), int(input_size[1])
     feed = {INPUT_NAME: np.zeros((batch_size, 3, h, w), dtype=np.float32)}
+    run = lambda: session.run(None, feed)  # noqa: E731
+    if device is not None and torch.device(device).type == "cuda":  # not run on a GPU in this project
+        import onnxruntime as ort
+        idx = torch.device(device).index or 0
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(feed[INPUT_NAME], "cuda", idx))
+        binding.bind_output(OUTPUT_NAME, "cuda", idx)
+        run = lambda: session.run_with_iobinding(binding)  # noqa: E731
     for _ in range(warmup):
-        session.run(None, feed)
+        run()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        session.run(None, feed)
+        run()
         times.append((time.perf_counter() - t0) * 1000.0)
     s = sorted(times)
     threads = session.get_session_options().intra_op_num_threads
@@ -451,8 +495,9 @@ def _load_target(target: str | Path) -> tuple[str, dict, dict[str, nn.Module], d
 
 
 def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 20, warmup: int = 5,
-              threads: int | None = None, onnx: bool = True, opset: int = DEFAULT_OPSET) -> dict:
-    """Eager and ONNX Runtime CPU latency, params and FLOPs of a run's models or a config's model.
+              threads: int | None = None, onnx: bool = True, opset: int = DEFAULT_OPSET,
+              device: str | torch.device | None = "cpu") -> dict:
+    """Eager and ONNX Runtime latency, params and FLOPs of a run's models or a config's model.
 
     ``target`` is a run folder (models ``baseline`` = stages/*_train_seg when finished, and
     ``pruned`` = stages/*_finetune_seg, or stages/*_prune while fine-tuning is unfinished: the same
@@ -467,13 +512,19 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
         batches: batch sizes (>= 1). runs: timed runs (>= 1). warmup: untimed runs (>= 0).
         threads: torch intra-op threads and ORT ``intra_op_num_threads``; ``None``: the config's
             ``eval.threads``, else ``threads``, else ``torch.get_num_threads()``.
+        device: where to time (a spec of ``engine.device.resolve_device`` or a torch.device; ``None``:
+            the config's ``device`` key). CPU: as above. CUDA (not run on a GPU in this project): eager
+            latency from CUDA events after the warm-up (``measure_latency``), ORT with its CUDA provider
+            when installed (else ORT is left out, said in ``ort_note``); the ONNX files are exported on
+            the CPU, then the models are moved to the device.
 
     Returns:
         ``{"format", "source", "kind": "run"|"config", "input_size": [H, W], "batches", "runs",
         "warmup", "threads", "opset", "cpu", "torch_version", "onnxruntime_version", "flops_note",
         "models": {name: {"source", "params", "flops", "macs", "latency": {str(batch): {"eager":
         {"median_ms", "p10_ms", "p90_ms", "min_ms", "runs", "warmup", "threads", ...}, "ort": {...}}}}},
-        "ratios": {str(batch): {"eager", "ort", "flops", "macs", "params"}}}`` (pruned / baseline of
+        "ratios": {str(batch): {"eager", "ort", "flops", "macs", "params"}}, "device": describe_device(...),
+        "ort_note": why ORT was not timed, or None}`` (pruned / baseline of
         the medians; ``ratios`` only when both models exist, ``"ort"`` entries only with ``onnx``).
         FLOPs and MACs are per image (batch 1); FLOPs = 2 x MACs.
 
@@ -492,7 +543,12 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
         raise ValueError(f"threads must be >= 1, got {threads}")
     if onnx:
         _check_opset(opset)
+    dev = device if isinstance(device, torch.device) else resolve_device(device) if device is not None else None
     kind, cfg, models, src = _load_target(target)
+    dev = dev or resolve_device(cfg.get("device", "auto"))
+    ort_note = None
+    if onnx and dev.type == "cuda" and not ort_cuda_available():  # not run on a GPU in this project
+        onnx, ort_note = False, "ONNX Runtime not timed: its CUDAExecutionProvider is not installed (onnxruntime-gpu)"
     if threads is None:
         threads = int(cfg["eval"].get("threads") or cfg.get("threads") or torch.get_num_threads())
     size = run_input_size(cfg)
@@ -500,6 +556,7 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
         "format": "segprune-benchmark/1", "source": str(target), "kind": kind, "input_size": list(size),
         "batches": batches, "runs": runs, "warmup": warmup, "threads": threads, "input": "zeros",
         "opset": opset if onnx else None, "exporter": EXPORTER if onnx else None, "cpu": cpu_model(),
+        "device": describe_device(dev), "ort_note": ort_note,
         "torch_version": torch.__version__, "onnxruntime_version": None, "flops_note":
         "FLOPs per image (batch 1) by torch.utils.flop_counter, conv/matmul only: one multiply-add = 2 FLOPs; "
         "MACs = FLOPs / 2",
@@ -517,15 +574,18 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
             out["onnxruntime_version"] = onnxruntime.__version__
             for name, m in models.items():
                 f = Path(tmp) / f"{name}.onnx"
-                export_onnx(m, f, size, opset)
-                sessions[name] = ort_session(f, threads)
+                export_onnx(m, f, size, opset)  # traced on the CPU
+                sessions[name] = ort_session(f, threads, dev)
+        if dev.type != "cpu":  # not run on a GPU in this project
+            for m in models.values():
+                m.to(dev)
         for b in batches:  # models interleaved per backend: a pair sees the same machine state
             eager = interleaved_latency({name: (lambda n, w, _m=m, _b=b: measure_latency(
                 _m, size, batch_size=_b, threads=threads, warmup=w, runs=n)) for name, m in models.items()}, runs, warmup)
             for name, lat in eager.items():
                 out["models"][name]["latency"][str(b)]["eager"] = lat
             if sessions:
-                ort_lat = interleaved_latency({name: (lambda n, w, _s=sess, _b=b: measure_ort_latency(_s, size, _b, w, n))
+                ort_lat = interleaved_latency({name: (lambda n, w, _s=sess, _b=b: measure_ort_latency(_s, size, _b, w, n, dev))
                                                for name, sess in sessions.items()}, runs, warmup)
                 for name, lat in ort_lat.items():
                     out["models"][name]["latency"][str(b)]["ort"] = lat
@@ -551,6 +611,13 @@ def render_benchmark(res: dict) -> str:
     """A :func:`benchmark` result as Markdown: conditions, one row per model and batch, ratio rows."""
     h, w = res["input_size"]
     ort_v = res["onnxruntime_version"] or "not used (--no-onnx)"
+    d = res.get("device") or {}  # results written before the key existed: the CPU
+    gpu = []
+    if d.get("type") == "cuda":  # not run on a GPU in this project
+        gpu.append(f"Device: cuda:{d.get('index')} ({d.get('name')}): eager latency from CUDA events after the warm-up"
+                   + ("; ORT with its CUDAExecutionProvider, input and output bound on the device." if res["opset"] else "."))
+    if res.get("ort_note"):
+        gpu.append(res["ort_note"] + ".")
     lines = [
         f"Benchmark of `{res['source']}` ({res['kind']}): input {h}x{w} (zeros), batch sizes "
         f"{', '.join(map(str, res['batches']))}, {res['threads']} thread(s) (torch intra-op and ORT intra-op; "
@@ -558,6 +625,7 @@ def render_benchmark(res: dict) -> str:
         f"runs [p10–p90] in ms per batch.",
         f"CPU: {res['cpu']}. torch {res['torch_version']}, onnxruntime {ort_v}"
         + (f", ONNX opset {res['opset']} (TorchScript exporter)." if res["opset"] else "."),
+        *gpu,
         f"{res['flops_note']}.", "",
         "| model | batch | params (M) | GFLOPs | GMACs | eager ms | ORT ms |", "|---|---|---|---|---|---|---|",
     ]

@@ -25,7 +25,8 @@ Several processes (``engine.distributed``): evaluation runs *sharded*. A loader 
 ``make_loader(..., shard=True)`` holds this rank's contiguous slice of the split; the confusion
 matrix (segmentation) or the correct/seen counts (classification) are summed over ranks before the
 metrics are computed (integers: exact), so every rank returns the metrics of the whole split.
-Inputs are moved to the model's device (nothing is moved for a CPU model).
+Images and labels are moved to the model's device (nothing is moved for a CPU model); the confusion
+matrix is accumulated there and read on the host once, at the end (``metrics.SegmentationMetric``).
 """
 from __future__ import annotations
 
@@ -254,7 +255,7 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int
     like = next(model.parameters(), None)
     try:
         for x, y in loader:
-            (x,) = ddp.to_device(x, like=like) if like is not None else (x,)
+            x, y = ddp.to_device(x, y, like=like) if like is not None else (x, y)
             if default:
                 metric.update(model(x), y)
             else:
@@ -283,5 +284,6 @@ def evaluate_classification(forward: Callable[[torch.Tensor], torch.Tensor], loa
         if isinstance(owner, nn.Module):
             owner.train(was)
     if ddp.is_sharded(loader):  # this rank saw its slice of the split: sum the counts
-        metric.correct, metric.count = (int(v) for v in ddp.sum_over_ranks(torch.tensor([metric.correct, metric.count])))
+        metric.correct, metric.count = (int(v) for v in ddp.sum_over_ranks(
+            torch.tensor([metric.correct, metric.count], device="cpu")))
     return metric.compute()

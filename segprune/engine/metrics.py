@@ -11,6 +11,11 @@ over the whole split (not averaged per image):
   the ground truth).
 
 Pixels whose target equals ``ignore_index`` are excluded everywhere.
+
+The confusion matrix is accumulated where the logits are (integer counts: the same result on every
+device) and read on the host once, by :meth:`SegmentationMetric.compute` (or ``.confusion``). On the
+CPU every batch's labels are checked at once; on another device the check is deferred to that read,
+so that no batch waits for the host (see :class:`SegmentationMetric`).
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ def confusion_matrix(
         ignore_index: label value to exclude (default 255).
 
     Returns:
-        ``torch.int64`` tensor of shape ``(C, C)`` on the CPU; rows index the
-        ground-truth class, columns the predicted class, entries are pixel counts.
+        ``torch.int64`` tensor of shape ``(C, C)`` on ``pred``'s device (``target`` is
+        moved there); rows index the ground-truth class, columns the predicted class,
+        entries are pixel counts. The range checks read two flags on the host.
 
     Raises:
         TypeError: ``pred``/``target`` are not integer tensors.
@@ -78,8 +84,8 @@ def confusion_matrix(
         raise ValueError(
             f"pred and target shapes differ: pred {tuple(pred.shape)} vs target {tuple(target.shape)}"
         )
-    pred = pred.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
-    target = target.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
+    pred = pred.detach().reshape(-1).to(dtype=torch.int64)
+    target = target.detach().reshape(-1).to(device=pred.device, dtype=torch.int64)
 
     bad_pred = (pred < 0) | (pred >= num_classes)
     if bool(bad_pred.any()):
@@ -98,6 +104,28 @@ def confusion_matrix(
     return cm.reshape(num_classes, num_classes)
 
 
+def _pair_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Pixel counts of (target, pred) pairs plus two error bins, without a host sync.
+
+    Returns:
+        int64 ``(C*C + 2,)`` on ``pred``'s device: entry ``t*C + p`` counts labelled pixels of class
+        ``t`` predicted ``p``; entry ``C*C`` labelled pixels whose target lies outside ``[0, C)``
+        (and is not ``ignore_index``); entry ``C*C + 1`` labelled pixels with an in-range target
+        whose prediction lies outside ``[0, C)``. Accumulated with ``scatter_add_`` (integer adds:
+        exact and order-independent on every device), so nothing waits for the host.
+    """
+    c = int(num_classes)
+    pred = pred.detach().reshape(-1).to(dtype=torch.int64)
+    target = target.detach().reshape(-1).to(device=pred.device, dtype=torch.int64)
+    t_ok = (target >= 0) & (target < c)
+    p_ok = (pred >= 0) & (pred < c)
+    idx = torch.where(t_ok, torch.where(p_ok, target * c + pred, c * c + 1), c * c)
+    idx = torch.where(target != ignore_index, idx, c * c + 2)  # ignored pixels: a bin that is dropped
+    counts = torch.zeros(c * c + 3, dtype=torch.int64, device=pred.device)
+    counts.scatter_add_(0, idx, torch.ones((), dtype=torch.int64, device=pred.device).expand(idx.shape))
+    return counts[: c * c + 2]
+
+
 def _nanmean(values: torch.Tensor) -> float:
     mask = ~torch.isnan(values)
     if not bool(mask.any()):
@@ -112,11 +140,19 @@ def _none_if_nan(x: float) -> float | None:
 class SegmentationMetric:
     """Accumulates a confusion matrix over a split and reports mIoU etc.
 
+    The matrix lives on the device of the predictions it is given (moved there at the first
+    :meth:`update`); :meth:`compute` reads it on the host once.
+
     Args:
         num_classes: number of classes ``C``.
         ignore_index: target label excluded from all statistics (default 255).
         class_names: optional names (length ``C``) used as keys of
             ``per_class_iou``; defaults to the class indices as strings.
+        eager_checks: check every batch's label ranges in :meth:`update` (raising there, with the
+            offending values: :func:`confusion_matrix`), or count out-of-range pixels on the device and
+            raise when the matrix is read (``compute``, ``.confusion``), with their number only.
+            ``None`` (default): eager on the CPU, where the check costs nothing; deferred on other
+            devices, where it would make every batch wait for the host.
 
     Raises:
         ValueError: ``num_classes`` < 1 or ``class_names`` has the wrong length.
@@ -127,6 +163,7 @@ class SegmentationMetric:
         num_classes: int,
         ignore_index: int = 255,
         class_names: list[str] | None = None,
+        eager_checks: bool | None = None,
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -137,11 +174,39 @@ class SegmentationMetric:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.class_names = list(class_names) if class_names is not None else None
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.eager_checks = eager_checks
+        self._confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device="cpu")
+        self._pending: torch.Tensor | None = None  # deferred-check counts (C*C + 2,), see _pair_counts
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        """The ``(C, C)`` int64 matrix (rows: ground truth, columns: prediction) on the device it was
+        accumulated on.
+
+        Raises:
+            ValueError: deferred checks found labelled pixels with an out-of-range target or prediction.
+        """
+        if self._pending is not None:
+            c = self.num_classes
+            pending, self._pending = self._pending, None
+            bad_t, bad_p = (int(v) for v in pending[c * c:].tolist())  # the one host read
+            if bad_t:
+                raise ValueError(f"target values outside [0, {c}) that are not ignore_index={self.ignore_index}: "
+                                 f"{bad_t} pixel(s) (checked on the device; the values are not kept)")
+            if bad_p:
+                raise ValueError(f"prediction values outside [0, {c}): {bad_p} pixel(s) (checked on the device)")
+            self._confusion = self._confusion.to(pending.device) + pending[: c * c].reshape(c, c)
+        return self._confusion
+
+    @confusion.setter
+    def confusion(self, value: torch.Tensor) -> None:
+        self._pending = None
+        self._confusion = value
 
     def reset(self) -> None:
         """Clear the accumulated confusion matrix."""
-        self.confusion.zero_()
+        self._pending = None
+        self._confusion = torch.zeros_like(self._confusion)
 
     @torch.no_grad()
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -152,11 +217,12 @@ class SegmentationMetric:
                 if ``(h, w)`` differs from the target size they are bilinearly
                 upsampled (``align_corners=False``) to ``(H, W)`` before the
                 argmax over ``C`` -- or integer predictions of shape ``(N, H, W)``.
-            target: integer ground truth of shape ``(N, H, W)``.
+            target: integer ground truth of shape ``(N, H, W)``, on any device (moved to
+                the predictions').
 
         Raises:
             ValueError: wrong ranks, channel count != ``num_classes``, batch or
-                spatial size mismatch, or out-of-range labels (see
+                spatial size mismatch, or (eager checks) out-of-range labels (see
                 :func:`confusion_matrix`).
             TypeError: non-tensor inputs or a float ``target``.
         """
@@ -193,9 +259,17 @@ class SegmentationMetric:
                 raise ValueError(
                     f"predictions must have shape (N, H, W), got {tuple(pred.shape)}"
                 )
-        self.confusion += confusion_matrix(
-            pred, target, self.num_classes, self.ignore_index
-        )
+        eager = self.eager_checks if self.eager_checks is not None else pred.device.type == "cpu"
+        if eager:
+            cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+            self._confusion = self.confusion.to(cm.device) + cm
+            return
+        if tuple(pred.shape) != tuple(target.shape):
+            raise ValueError(
+                f"pred and target shapes differ: pred {tuple(pred.shape)} vs target {tuple(target.shape)}"
+            )
+        counts = _pair_counts(pred, target, self.num_classes, self.ignore_index)
+        self._pending = counts if self._pending is None else self._pending.to(counts.device) + counts
 
     def compute(self) -> dict[str, Any]:
         """Metrics over everything seen since the last reset.
@@ -208,7 +282,8 @@ class SegmentationMetric:
             absent from both ground truth and prediction. If no labelled pixel
             has been seen, ``miou``, ``pixel_acc`` and ``mean_acc`` are NaN.
         """
-        cm = self.confusion.to(torch.float64)
+        conf = self.confusion.cpu()  # the matrix's one read on the host
+        cm = conf.to(torch.float64)
         tp = torch.diagonal(cm)
         gt = cm.sum(dim=1)
         pr = cm.sum(dim=0)
@@ -224,7 +299,7 @@ class SegmentationMetric:
             "per_class_iou": {n: _none_if_nan(float(v)) for n, v in zip(names, iou.tolist())},
             "pixel_acc": pixel_acc,
             "mean_acc": _nanmean(acc),
-            "confusion": self.confusion.tolist(),
+            "confusion": conf.tolist(),
         }
 
 

@@ -4,8 +4,9 @@ A training loop (``engine.train``, MTP's ``run_mtp``, Slimming's sparsity traini
 ``checkpoint_every`` iterations one safetensors file holding everything its continuation depends
 on: module weights and BN statistics, SGD momentum buffers, the data order (the state of the
 loader's ``torch.Generator`` at the start of the current epoch and the number of batches already
-consumed), the global torch RNG state (dropout), the iteration counter and loop-specific state
-(MTP: W1, E, μ). A loop restarted on the
+consumed), the global torch RNG state (dropout) and, for a model on a GPU, that device's CUDA RNG
+state (:func:`rng_state`), the iteration counter and loop-specific state (MTP: W1, E, μ). A loop
+restarted on the
 same stage folder restores it and continues; on CPU the result is bitwise the one of an
 uninterrupted run (augmentation is seeded per sample and epoch, see ``segprune.data``). The file
 is written atomically (temporary file + rename), so a kill during the write leaves the previous
@@ -30,7 +31,33 @@ from ..checkpoint import CheckpointError, load_metadata, load_state_dict, save_s
 from . import distributed as ddp
 
 __all__ = ["StageCheckpoint", "LoaderCursor", "ResumableCycle", "optimizer_tensors", "load_optimizer_tensors",
-           "module_tensors", "load_module_tensors", "fault_point"]
+           "module_tensors", "load_module_tensors", "fault_point", "rng_state", "restore_rng"]
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The RNG states a training loop's continuation depends on, as checkpoint tensors (CPU uint8).
+
+    ``rng.torch``: the global CPU generator (``torch.get_rng_state``); ``rng.cuda``: the generator of
+    ``device`` (``torch.cuda.get_rng_state(device)``, dropout on a GPU draws from it), only when
+    ``device`` is a CUDA device. A CPU run therefore writes exactly what it wrote before.
+    """
+    out = {"rng.torch": torch.get_rng_state()}
+    if device is not None and torch.device(device).type == "cuda":  # not run on a GPU in this project
+        out["rng.cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+    """Inverse of :func:`rng_state`: set the CPU generator from ``rng.torch`` and, when ``device`` is a
+    CUDA device and the checkpoint has ``rng.cuda``, that device's generator.
+
+    A checkpoint without ``rng.cuda`` (written on the CPU, or before the key existed) leaves the CUDA
+    generator alone; one with it resumed on the CPU ignores it (a resume on another device cannot be
+    bitwise exact anyway).
+    """
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+    if device is not None and torch.device(device).type == "cuda" and "rng.cuda" in tensors:  # not run on a GPU here
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), torch.device(device))
 
 
 def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -77,7 +104,9 @@ class LoaderCursor:
     def __init__(self, loader: DataLoader):
         self.loader = loader
         gen = loader.generator  # None: a user's loader without one; its order is then not restorable
-        self.epoch_state: torch.Tensor = gen.get_state() if gen is not None else torch.empty(0, dtype=torch.uint8)
+        # a CPU byte tensor like every generator state, whatever torch's default device is
+        self.epoch_state: torch.Tensor = gen.get_state() if gen is not None else torch.empty(0, dtype=torch.uint8,
+                                                                                              device="cpu")
         self._restore: torch.Tensor | None = None
 
     def restore(self, state: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ none of this code runs.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed as ddp
 from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
-                     module_tensors, optimizer_tensors)
+                     module_tensors, optimizer_tensors, restore_rng, rng_state)
 
 __all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "seg_loss",
            "train_segmentation", "train_classification", "iters_per_epoch", "train_loop", "LoopState"]
@@ -72,9 +73,15 @@ def make_sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.o
     return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"stage {stage}: loss became {loss.item()} at step {step}; "
+def check_finite(loss: torch.Tensor | float, stage: str, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` if ``loss`` (a 0-d tensor on any device, or a number) is NaN/inf.
+
+    A tensor is read on the host (one device sync); pass the float the step reads anyway (``loss.item()``)
+    to avoid a second one.
+    """
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"stage {stage}: loss became {value} at step {step}; "
                                  f"lower the learning rate (the last good checkpoint is kept)")
 
 
@@ -102,8 +109,10 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
 
     ``step(x, y, opt, it)`` runs one iteration and returns the batch's running sums (e.g. loss);
     ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr, momentum, weight_decay); ``extra``
-    is saved with every in-stage checkpoint and restored on resume. Returns the last epoch's means
-    of the sums and ``iters``.
+    is saved with every in-stage checkpoint and restored on resume. The checkpoint holds the CPU RNG
+    state and, for a model on a GPU, that device's CUDA RNG state (``resume.rng_state``). Batches are
+    moved to the device of ``net``'s first parameter. Returns the last epoch's means of the sums and
+    ``iters``.
     """
     n_it = iters_per_epoch(loader, cfg.get("max_iters_per_epoch"))
     epochs = int(cfg["epochs"])
@@ -112,6 +121,8 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         opt = make_sgd(params, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     net.train()
     cursor = LoaderCursor(loader)
+    like = next(net.parameters(), None)
+    dev = like.device if like is not None else None
     it, start_epoch, skip, sums, lr = 0, 0, 0, {}, float(cfg["lr"])
     saved = ckpt.load(("it", "epoch", "batch", "sums"), ("loader.gen", "rng.torch")) if ckpt is not None else None
     if saved is not None:
@@ -122,11 +133,10 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         cursor.restore(tensors["loader.gen"])
         if extra is not None:
             extra.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}, str(ckpt.path))
-        torch.set_rng_state(tensors["rng.torch"])  # dropout draws from the global generator
+        restore_rng(tensors, dev)  # dropout draws from the global generator (on a GPU: the device's)
         lr = lr_at(max(0, it - 1), total)  # the last rate applied (reported if the epoch is already complete)
         log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
     out: dict = {}
-    like = next(net.parameters(), None)
     with ddp.replicated(net):  # several processes: global-batch BatchNorm statistics and dropout masks
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
@@ -145,7 +155,7 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
                 if ckpt is not None and ckpt.due(it):
                     more = {} if extra is None else {f"extra.{k}": v for k, v in extra.state_tensors().items()}
                     ckpt.save({**module_tensors("model", net), **optimizer_tensors("opt", opt), "loader.gen": cursor.epoch_state,
-                               "rng.torch": torch.get_rng_state(), **more},
+                               **rng_state(dev), **more},
                               {"it": it, "epoch": epoch, "batch": i + 1, "sums": sums})
                 fault_point(log.stage, it)
             bar.close()
@@ -209,13 +219,13 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
         denom = seg_denominator(y, ignore_index)  # None in a single process
         loss = seg_loss(model, x, y, ignore_index, denom)
         if denom is None:
-            check_finite(loss, log.stage, it)
+            value = loss.item()  # the step's one host sync: NaN check and logged loss
+            check_finite(value, log.stage, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        value = loss.item()
         if denom is not None:  # several processes: gradients and loss summed over ranks
             value = ddp.sync_grads(opt, loss)[0]
-            check_finite(torch.tensor(value), log.stage, it)
+            check_finite(value, log.stage, it)
         if step_hook is not None:
             step_hook(it)
         opt.step()
@@ -250,15 +260,18 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
         denom = ddp.global_count(y.numel())  # None in a single process
         if denom is None:
             loss = F.cross_entropy(logits, y)
-            check_finite(loss, log.stage, it)
         else:  # this rank's share of the global mean
             loss = F.cross_entropy(logits, y, reduction="sum") / denom
+        # loss and correct count read together: one host sync per step (the count is exact in float64)
+        value, correct = torch.stack([loss.detach().double(), (logits.detach().argmax(1) == y).sum().double()]).tolist()
+        if denom is None:
+            check_finite(value, log.stage, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        out = {"loss": loss.item(), "correct": float((logits.argmax(1) == y).sum()), "seen": float(y.numel())}
+        out = {"loss": value, "correct": correct, "seen": float(y.numel())}
         if denom is not None:  # several processes: gradients, loss and counts summed over ranks
             out = dict(zip(out, ddp.sync_grads(opt, *out.values())))
-            check_finite(torch.tensor(out["loss"]), log.stage, it)
+            check_finite(out["loss"], log.stage, it)
         opt.step()
         return out
 

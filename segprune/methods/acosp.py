@@ -98,12 +98,21 @@ def hard_topk_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def _unit_device(mods: dict[str, nn.Module], unit: PruneUnit) -> torch.device:
+    """Device of the unit's first BatchNorm (where its masks and logits must live)."""
+    bn = mods[unit.bns[0]]
+    t = next(iter(list(bn.parameters()) + list(bn.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 class UnitMasks(nn.Module, LoopState):
     """Learnable channel masks of the prunable units, applied through forward hooks on their BatchNorms.
 
     Args:
         model: the network (its modules get hooks; its parameters are not changed here).
-        units: prunable units; unit u gets ``logits[u.name]`` (C,) ~ N(0, 1) (reference-code init).
+        units: prunable units; unit u gets ``logits[u.name]`` (C,) ~ N(0, 1) (reference-code init), drawn
+            from the global CPU generator and placed on the device of the unit's first BatchNorm (the
+            same initial logits whatever the device; a CPU run draws exactly what it drew before).
         keep: unit name -> k (channels the unit keeps).
 
     ``tau`` (float) is the current temperature; ``hard`` switches to the exact top-k mask. Each
@@ -113,11 +122,12 @@ class UnitMasks(nn.Module, LoopState):
     def __init__(self, model: nn.Module, units: list[PruneUnit], keep: dict[str, int]):
         super().__init__()
         self.names = [u.name for u in units]
-        self.logits = nn.ParameterList([nn.Parameter(torch.randn(u.channels)) for u in units])
+        mods = dict(model.named_modules())
+        self.logits = nn.ParameterList([nn.Parameter(torch.randn(u.channels, device="cpu").to(_unit_device(mods, u)))
+                                        for u in units])
         self.keep = dict(keep)
         self.tau, self.hard = 1.0, False
         self._handles = []
-        mods = dict(model.named_modules())
         for i, u in enumerate(units):
             for b in u.bns:
                 self._handles.append(mods[b].register_forward_hook(self._hook(i)))
@@ -311,13 +321,13 @@ class ACoSP(PruningMethod):
             denom = seg_denominator(y, ignore_index)  # None in a single process
             loss = seg_loss(model, x, y, ignore_index, denom)  # + auxiliary heads (PSPNet, BiSeNet)
             if denom is None:
-                check_finite(loss, log.stage, it)
+                value = loss.item()  # the step's one host sync: NaN check and logged loss
+                check_finite(value, log.stage, it)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            value = loss.item()
             if denom is not None:  # several processes: gradients (weights and mask logits) summed over ranks
                 value = ddp.sync_grads(opt, loss)[0]
-                check_finite(torch.tensor(value), log.stage, it)
+                check_finite(value, log.stage, it)
             opt.step()
             return {"loss": value}
 
@@ -348,7 +358,8 @@ class ACoSP(PruningMethod):
 
     def load_trained_state(self, model: nn.Module, units: list[PruneUnit], tensors: dict[str, torch.Tensor],
                            source: str) -> None:
-        """Use stored logits for scoring.
+        """Use stored logits for scoring; they are moved to the device of each unit's BatchNorm (the
+        stage's file is read onto the CPU), so a resumed run scores where an uninterrupted one does.
 
         Raises:
             CheckpointError: a unit missing or of another width (names ``source``).
@@ -360,7 +371,8 @@ class ACoSP(PruningMethod):
             if t is None or t.numel() != u.channels:
                 raise CheckpointError(f"{source}: ACoSP logits of unit {u.name} "
                                       + ("missing" if t is None else f"have {t.numel()} values, the unit has {u.channels} channels"))
-        self.logits = {u.name: tensors[u.name].clone() for u in units}
+        mods = dict(model.named_modules())
+        self.logits = {u.name: tensors[u.name].to(_unit_device(mods, u), copy=True) for u in units}
 
     def scores(self, model: nn.Module, units: list[PruneUnit], calib_loader=None) -> dict[str, torch.Tensor]:
         """Unit name -> score (C,): the learned logits after :meth:`train` (or :meth:`load_trained_state`).

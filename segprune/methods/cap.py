@@ -106,6 +106,7 @@ class ContextGuide(LoopState):
         self._batch: dict[str, list[torch.Tensor]] = {}
         self._handles = []
         self._names = list(bn_names)
+        self._mods = {name: mods[name] for name in bn_names}
         for name in bn_names:
             self._handles.append(mods[name].register_forward_hook(self._hook(name)))
 
@@ -136,12 +137,13 @@ class ContextGuide(LoopState):
         return dict(self.running)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Restore :meth:`state_tensors`. Raises CheckpointError (naming ``source``) for an unknown BN."""
+        """Restore :meth:`state_tensors`, each on the device of its BatchNorm's γ (checkpoints are read
+        onto the CPU). Raises CheckpointError (naming ``source``) for an unknown BN."""
         hooked = set(self._names)
         for name in tensors:
             if name not in hooked:
                 raise CheckpointError(f"{source}: CAP importance for {name!r}, which has no guiding module here")
-        self.running = {k: v.clone() for k, v in tensors.items()}
+        self.running = {k: v.to(self._mods[k].weight.device, copy=True) for k, v in tensors.items()}
 
     def remove(self) -> None:
         """Remove the hooks (the running averages stay readable)."""

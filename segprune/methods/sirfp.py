@@ -68,7 +68,16 @@ __all__ = ["SIRFP", "redundancy_matrix", "sobel_edge_std", "EMA", "RedundancyTra
 #: ε added to each channel's ℓ1 norm before dividing (as in the public code)
 L1_EPS = 1e-5
 
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device="cpu")
+#: (device, dtype) -> the (2, 1, 3, 3) Sobel kernels there (one host-to-device copy per device, not per forward)
+_SOBEL_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _sobel_kernels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (device, dtype)
+    if key not in _SOBEL_CACHE:
+        _SOBEL_CACHE[key] = torch.stack([_SOBEL_X, _SOBEL_X.T]).unsqueeze(1).to(device=device, dtype=dtype)
+    return _SOBEL_CACHE[key]
 
 
 def _check_maps(feat: torch.Tensor, what: str) -> None:
@@ -125,7 +134,7 @@ def sobel_edge_std(feat: torch.Tensor) -> torch.Tensor:
     _check_maps(feat, "sobel_edge_std")
     n, c, h, w = feat.shape
     x = F.pad(feat.detach().float().reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
-    kern = torch.stack([_SOBEL_X, _SOBEL_X.T]).unsqueeze(1).to(x.device)          # (2, 1, 3, 3)
+    kern = _sobel_kernels(x.device, x.dtype)                                         # (2, 1, 3, 3)
     g = F.conv2d(x, kern)                                                            # (N·C, 2, H, W)
     mag = g.pow(2).sum(1).sqrt().flatten(1)                                          # (N·C, H·W)
     return mag.std(dim=1, unbiased=False).reshape(n, c).mean(0).double()
@@ -217,13 +226,14 @@ class RedundancyTracker(LoopState):
         out = {}
         for kind, emas in (("red", self.red), ("edge", self.edge)):
             for b, e in emas.items():
-                out[f"{kind}.{b}.t"] = torch.tensor(e.t, dtype=torch.int64)
+                out[f"{kind}.{b}.t"] = torch.tensor(e.t, dtype=torch.int64, device="cpu")  # a counter
                 if e._s is not None:
                     out[f"{kind}.{b}.s"] = e._s
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Restore :meth:`state_tensors`.
+        """Restore :meth:`state_tensors`; the running sums go to the device of their BatchNorm
+        (checkpoints are read onto the CPU).
 
         Raises:
             CheckpointError: a BatchNorm missing from either side, or a matrix of another size (names ``source``).
@@ -238,7 +248,7 @@ class RedundancyTracker(LoopState):
                 if s is not None and c is not None and s.shape[0] != c:
                     raise CheckpointError(f"{source}: SIRFP statistics of {b} have {s.shape[0]} channels, "
                                           f"the model has {c}")
-                e.t, e._s = t, (None if s is None else s.clone())
+                e.t, e._s = t, (None if s is None else s.to(_module_device(self.bns[b]), copy=True))
         known = {f"{k}.{b}" for k, emas in (("red", self.red), ("edge", self.edge)) for b in emas}
         extra = sorted({k.rsplit(".", 1)[0] for k in tensors} - known)
         if extra:
@@ -267,8 +277,15 @@ class RedundancyTracker(LoopState):
         return out
 
 
+def _module_device(mod: nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for a module without any)."""
+    t = next(iter(list(mod.parameters()) + list(mod.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def _as_weights(redundancy: torch.Tensor, self_term: bool) -> torch.Tensor:
-    r = torch.as_tensor(redundancy).detach().double()
+    # a tensor stays where it is (``torch.as_tensor`` would copy it to torch's default device)
+    r = (redundancy if isinstance(redundancy, torch.Tensor) else torch.as_tensor(redundancy)).detach().double()
     if r.dim() != 2 or r.shape[0] != r.shape[1]:
         raise ValueError(f"redundancy matrix must be square (C, C), got {tuple(r.shape)}")
     if not torch.isfinite(r).all():
@@ -283,7 +300,7 @@ def kept_redundancy(redundancy: torch.Tensor, kept, self_term: bool = True) -> f
     """MEWCP objective of a kept set K: Φ(K) = Σ_{i<j∈K} W_ij + Σ_{i∈K} W_ii, W = |R| symmetrised
     (the diagonal term only with ``self_term``). Lower = less redundant."""
     w = _as_weights(redundancy, self_term)
-    idx = torch.as_tensor(list(kept), dtype=torch.long)
+    idx = torch.as_tensor(list(kept), dtype=torch.long, device=w.device)
     if idx.numel() == 0:
         return 0.0
     sub = w[idx][:, idx]
@@ -313,9 +330,9 @@ def greedy_clique_removal(redundancy: torch.Tensor, self_term: bool = True) -> t
     w = _as_weights(redundancy, self_term)
     c = w.shape[0]
     cur = w.sum(1)
-    avail = torch.ones(c, dtype=torch.bool)
-    order = torch.empty(c, dtype=torch.long)
-    value = torch.empty(c, dtype=torch.float64)
+    avail = torch.ones(c, dtype=torch.bool, device=w.device)
+    order = torch.empty(c, dtype=torch.long, device=w.device)
+    value = torch.empty(c, dtype=torch.float64, device=w.device)
     for t in range(c):
         j = int(torch.argmax(cur.masked_fill(~avail, -math.inf)))
         order[t], value[t] = j, cur[j]
@@ -342,7 +359,7 @@ def sirfp_scores(redundancy: torch.Tensor, edge: torch.Tensor | None = None, edg
     s = torch.empty_like(value)
     s[order] = -value
     if edge is not None and edge_weight:
-        e = torch.as_tensor(edge).double().flatten()
+        e = torch.as_tensor(edge, device=s.device).double().flatten()
         if e.numel() != s.numel():
             raise ValueError(f"edge term has {e.numel()} entries for {s.numel()} channels")
         s = s + float(edge_weight) * e
@@ -440,7 +457,9 @@ class SIRFP(PruningMethod):
 
     def load_trained_state(self, model: nn.Module, units: list[PruneUnit], tensors: dict[str, torch.Tensor],
                            source: str) -> None:
-        """Use the stored R (and E) for ``model`` instead of recalibrating.
+        """Use the stored R (and E) for ``model`` instead of recalibrating. They are moved to the device
+        of each unit's BatchNorm (the stage's file is read onto the CPU), where :meth:`train` left them:
+        a resumed run then scores on the same device, hence bitwise, as an uninterrupted one.
 
         Raises:
             CheckpointError: a unit missing or of another width (names ``source``).
@@ -448,17 +467,20 @@ class SIRFP(PruningMethod):
         if not tensors:
             return
         stats = {}
+        mods = dict(model.named_modules())
         for u in units:
             r = tensors.get(f"{u.name}.R")
             if r is None or tuple(r.shape) != (u.channels, u.channels):
                 raise CheckpointError(f"{source}: SIRFP redundancy of unit {u.name} "
                                       + ("missing" if r is None else f"is {tuple(r.shape)}, the unit has {u.channels} channels"))
-            stats[u.name] = (r, tensors.get(f"{u.name}.E"))
+            dev, e = _module_device(mods[u.bns[0]]), tensors.get(f"{u.name}.E")
+            stats[u.name] = (r.to(dev, copy=True), None if e is None else e.to(dev, copy=True))
         self._stats = (weakref.ref(model), stats)
 
     def calibrate(self, model: nn.Module, units: list[PruneUnit], calib_loader) -> dict:
         """Unit name -> (R, E) accumulated in eval mode, without gradients, over ``calib_batches``
-        batches of ``calib_loader`` (batches are ``(images, ...)`` or images (N, 3, H, W)).
+        batches of ``calib_loader`` (batches are ``(images, ...)`` or images (N, 3, H, W), moved to
+        the device of the model's first parameter).
 
         Raises:
             ValueError: no loader, or it yields no batch.
@@ -468,12 +490,13 @@ class SIRFP(PruningMethod):
                              "redundancy was not accumulated by train() on this model")
         was_training = model.training
         model.eval()
+        dev = _module_device(model)
         try:
             with self._tracker(model, units) as tr, torch.no_grad():
                 for i, batch in enumerate(calib_loader):
                     if i >= self.calib_batches:
                         break
-                    model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(dev, non_blocking=True))
         finally:
             model.train(was_training)
         if tr.updates == 0:

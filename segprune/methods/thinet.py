@@ -15,6 +15,9 @@ Implementation notes:
 * Samples: ``calib_batches`` batches (default 2) of the calibration loader, model in eval mode;
   per image ``samples_per_batch`` (default 64) output locations drawn uniformly (with
   replacement), each with a uniformly drawn output channel o (seeded by ``seed``, default 0).
+  The draws come from a CPU generator whatever the model's device (the same samples everywhere)
+  and are moved to it; the batches are moved to the model's device, where the Gram matrices are
+  accumulated.
 * Consumers are found with the unit's torch-pruning group: every ``nn.Conv2d`` with an
   in-channel pruning handler, together with the slice of its input channels that the unit's
   channels occupy (e.g. one fifth of ASPP ``project`` through the concatenation). Their input
@@ -48,7 +51,8 @@ __all__ = ["ThiNet", "consumer_slices", "channel_contributions", "thinet_objecti
 def consumer_slices(model: nn.Module, units: list[PruneUnit], graph: tp.DependencyGraph | None = None,
                     input_size: tuple[int, int] = (64, 64)) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """Unit name -> [(consumer conv name, in_idx (C,) LongTensor)]: channel c of the unit is input
-    channel ``in_idx[c]`` of that consumer. Found from the unit's torch-pruning group."""
+    channel ``in_idx[c]`` of that consumer (on the consumer's device). Found from the unit's
+    torch-pruning group."""
     graph = graph or build_graph(model, input_size)
     mods = dict(model.named_modules())
     names = {m: n for n, m in mods.items()}
@@ -60,9 +64,10 @@ def consumer_slices(model: nn.Module, units: list[PruneUnit], graph: tp.Dependen
             mod = item.dep.target.module
             if not (isinstance(mod, nn.Conv2d) and graph.is_in_channel_pruning_fn(item.dep.handler)):
                 continue
-            in_idx = torch.empty(u.channels, dtype=torch.long)
-            in_idx[torch.as_tensor(list(item.root_idxs), dtype=torch.long)] = torch.as_tensor(list(item.idxs), dtype=torch.long)
-            found[names[mod]] = in_idx
+            in_idx = torch.empty(u.channels, dtype=torch.long, device="cpu")
+            in_idx[torch.as_tensor(list(item.root_idxs), dtype=torch.long, device="cpu")] = torch.as_tensor(
+                list(item.idxs), dtype=torch.long, device="cpu")
+            found[names[mod]] = in_idx.to(mod.weight.device)
         out[u.name] = list(found.items())
     return out
 
@@ -76,6 +81,8 @@ def channel_contributions(x: torch.Tensor, conv: nn.Conv2d, in_idx: torch.Tensor
         conv: the consumer convolution (groups = 1, numeric zero padding).
         in_idx: (C,) input-channel indices of the unit's channels in ``conv``.
         samples_per_image: S output locations drawn per image (each with a random output channel).
+        generator: the draws' generator; they are made on its device (CPU for ``None``) and moved
+            to ``x``'s, so a CPU generator gives the same samples on every device.
 
     Returns:
         (N·S, C): x̂[s, c] = Σ_k W[o_s, in_idx[c], k] · x[n_s, in_idx[c], patch of l_s, k].
@@ -87,8 +94,9 @@ def channel_contributions(x: torch.Tensor, conv: nn.Conv2d, in_idx: torch.Tensor
     n, ck, L = cols.shape
     c = in_idx.numel()
     k = ck // c
-    loc = torch.randint(0, L, (n, samples_per_image), generator=generator)                    # (N, S)
-    och = torch.randint(0, conv.out_channels, (n, samples_per_image), generator=generator)    # (N, S)
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    loc = torch.randint(0, L, (n, samples_per_image), generator=generator, device=gdev).to(x.device)         # (N, S)
+    och = torch.randint(0, conv.out_channels, (n, samples_per_image), generator=generator, device=gdev).to(x.device)
     patches = torch.gather(cols, 2, loc.unsqueeze(1).expand(n, ck, samples_per_image))         # (N, C·K, S)
     patches = patches.permute(0, 2, 1).reshape(n, samples_per_image, c, k)
     w = conv.weight.detach()[:, in_idx].flatten(2).float()[och]                                # (N, S, C, K)
@@ -97,7 +105,7 @@ def channel_contributions(x: torch.Tensor, conv: nn.Conv2d, in_idx: torch.Tensor
 
 def thinet_objective(xhat: torch.Tensor, removed) -> float:
     """Σ_samples (Σ_{j∈removed} x̂_j)² for x̂ (S, C) (ThiNet Eq. 5)."""
-    idx = torch.as_tensor(list(removed), dtype=torch.long)
+    idx = torch.as_tensor(list(removed), dtype=torch.long, device=xhat.device)
     if idx.numel() == 0:
         return 0.0
     return float(xhat.double()[:, idx].sum(1).pow(2).sum())
@@ -106,15 +114,15 @@ def thinet_objective(xhat: torch.Tensor, removed) -> float:
 def thinet_greedy(gram: torch.Tensor, n_remove: int) -> torch.Tensor:
     """ThiNet Algorithm 1 on the Gram matrix G = Σ_s x̂_s x̂_sᵀ (C, C).
 
-    Returns the (n_remove,) channel indices in the order they are added to the removed set T;
-    each step adds the c minimising 1ᵀ G_{T∪{c}} 1 (ties: lowest index).
+    Returns the (n_remove,) channel indices (on ``gram``'s device) in the order they are added to the
+    removed set T; each step adds the c minimising 1ᵀ G_{T∪{c}} 1 (ties: lowest index).
     """
     g = gram.double()
     c = g.shape[0]
     n_remove = max(0, min(int(n_remove), c))
     diag = torch.diagonal(g).clone()
-    cross = torch.zeros(c, dtype=torch.float64)      # Σ_{j∈T} G[j, c]
-    avail = torch.ones(c, dtype=torch.bool)
+    cross = torch.zeros(c, dtype=torch.float64, device=g.device)      # Σ_{j∈T} G[j, c]
+    avail = torch.ones(c, dtype=torch.bool, device=g.device)
     order = []
     for _ in range(n_remove):
         cost = (diag + 2.0 * cross).masked_fill(~avail, float("inf"))
@@ -122,7 +130,7 @@ def thinet_greedy(gram: torch.Tensor, n_remove: int) -> torch.Tensor:
         order.append(j)
         avail[j] = False
         cross += g[j]
-    return torch.tensor(order, dtype=torch.long)
+    return torch.tensor(order, dtype=torch.long, device=g.device)
 
 
 @register_method
@@ -147,7 +155,7 @@ class ThiNet(PruningMethod):
             raise ValueError("method.calib_batches and method.samples_per_batch must be >= 1")
 
     def gram_matrices(self, model: nn.Module, units: list[PruneUnit], calib_loader) -> dict[str, torch.Tensor]:
-        """Unit name -> G = Σ over consumers and samples of x̂ x̂ᵀ, (C, C) float64."""
+        """Unit name -> G = Σ over consumers and samples of x̂ x̂ᵀ, (C, C) float64 on the unit's device."""
         if calib_loader is None:
             raise ValueError("ThiNet needs a calibration loader (images of the segmentation training set)")
         slices = consumer_slices(model, units, input_size=self.graph_input_size)
@@ -159,8 +167,10 @@ class ThiNet(PruningMethod):
                                  f"only by other layers, e.g. ConvTranspose2d or Linear; list it in never_prune)")
             for cname, in_idx in slices[u.name]:
                 by_consumer.setdefault(cname, []).append((u.name, in_idx))
-        grams = {u.name: torch.zeros(u.channels, u.channels, dtype=torch.float64) for u in units}
-        gen = torch.Generator().manual_seed(self.seed)
+        grams = {u.name: torch.zeros(u.channels, u.channels, dtype=torch.float64, device=mods[u.name].weight.device)
+                 for u in units}
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)  # the same samples on every device
+        dev = next(model.parameters()).device
 
         def hook_for(cname):
             conv = mods[cname]
@@ -179,7 +189,7 @@ class ThiNet(PruningMethod):
                 for i, batch in enumerate(calib_loader):
                     if i >= self.calib_batches:
                         break
-                    model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(dev, non_blocking=True))
         finally:
             for h in handles:
                 h.remove()
@@ -193,8 +203,8 @@ class ThiNet(PruningMethod):
         out = {}
         for name, g in grams.items():
             order = thinet_greedy(g, g.shape[0])
-            s = torch.empty(g.shape[0])
-            s[order] = torch.arange(g.shape[0], dtype=torch.float32)
+            s = torch.empty(g.shape[0], device=g.device)
+            s[order] = torch.arange(g.shape[0], dtype=torch.float32, device=g.device)
             out[name] = s
         return out
 
@@ -210,7 +220,7 @@ class ThiNet(PruningMethod):
         for name, g in grams.items():
             c = g.shape[0]
             k = max(int(round(p * c)), min(int(min_channels), c))
-            mask = torch.ones(c, dtype=torch.bool)
+            mask = torch.ones(c, dtype=torch.bool, device=g.device)
             mask[thinet_greedy(g, c - k)] = False
             kept[name] = torch.nonzero(mask).flatten()
         return kept

@@ -36,7 +36,8 @@ def select_channels(scores: dict[str, torch.Tensor], parts: dict[str, str], keep
             so no layer is ever emptied; this can keep slightly more than ``p`` of a part.
 
     Returns:
-        unit name -> sorted LongTensor of kept channel indices.
+        unit name -> sorted LongTensor of kept channel indices, on the CPU (scores on another device
+        are copied once; selection and physical pruning run on the CPU).
 
     The ``round((1 - p) * N)`` lowest-scoring channels of each pool (a part for "ind", all
     units for "uni") are pruned; ties are broken by unit order, then channel index.
@@ -49,20 +50,21 @@ def select_channels(scores: dict[str, torch.Tensor], parts: dict[str, str], keep
         raise ValueError(f"prune.threshold_mode={mode!r} must be 'ind' or 'uni'")
     if int(min_channels) < 1:
         raise ValueError(f"prune.min_channels={min_channels!r} must be >= 1")
+    scores = {n: s.detach().flatten().cpu() for n, s in scores.items()}
     pools: dict[str, list[str]] = {}
     for name in scores:
         pools.setdefault(parts[name] if mode == "ind" else "all", []).append(name)
-    keep_mask = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    keep_mask = {}
     for names in pools.values():
-        flat = torch.cat([scores[n].flatten().double() for n in names])
-        owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
-        local = torch.cat([torch.arange(scores[n].numel()) for n in names])
+        flat = torch.cat([scores[n].double() for n in names])
         n_prune = int(round((1.0 - p) * flat.numel()))
-        order = torch.argsort(flat, stable=True)[:n_prune]
-        for j in order.tolist():
-            keep_mask[names[owner[j]]][local[j]] = False
+        keep = torch.ones(flat.numel(), dtype=torch.bool, device="cpu")
+        keep[torch.argsort(flat, stable=True)[:n_prune]] = False  # the pool's lowest scores
+        for n, m in zip(names, torch.split(keep, [scores[n].numel() for n in names])):
+            keep_mask[n] = m
     kept = {}
-    for name, mask in keep_mask.items():
+    for name in scores:
+        mask = keep_mask[name]
         need = min(int(min_channels), mask.numel())
         if int(mask.sum()) < need:
             top = torch.argsort(scores[name], descending=True, stable=True)[:need]
@@ -112,7 +114,8 @@ def round_kept(kept: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], m
         scores: unit name -> (C,) importance (larger = more important), the same scores the rule
             ranked by; used to decide which channels to add back or drop.
     Returns:
-        unit name -> sorted LongTensor; a unit whose count changes from k to k' = :func:`rounded_count`
+        unit name -> sorted LongTensor on the CPU (a unit whose count does not change: its ``kept``
+        tensor itself); a unit whose count changes from k to k' = :func:`rounded_count`
         keeps its k chosen channels plus the best-scoring dropped ones (k' > k) or loses its
         lowest-scoring kept ones (k' < k), ties broken by channel index. ``multiple == 1``
         returns ``kept`` itself.
@@ -125,14 +128,15 @@ def round_kept(kept: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], m
     for name, idx in kept.items():
         if name not in scores:
             raise ValueError(f"round_kept: no scores for unit {name!r}")
-        s = scores[name].flatten().double()
+        s = scores[name].detach().flatten().double().cpu()
         c = s.numel()
         k = idx.numel()
         k2 = rounded_count(k, c, multiple)
         if k2 == k:
             out[name] = idx
             continue
-        mask = torch.zeros(c, dtype=torch.bool)
+        idx = idx.cpu()
+        mask = torch.zeros(c, dtype=torch.bool, device="cpu")
         mask[idx] = True
         if k2 > k:
             cand = torch.nonzero(~mask).flatten()
