@@ -54,6 +54,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import CheckpointError, load_into_model, load_json, load_state_dict, save_json, save_state_dict
 from .config import DEFAULTS, merge, validate
+from .engine.device import model_device
 from .engine.log import StageLog
 from .engine.profile import count_flops, count_params
 from .algorithm import Budget, choose_widths, finetune_classification, finetune_segmentation, kept_per_part, remove, sparsify
@@ -281,7 +282,7 @@ def _output_check(model: nn.Module, size, in_channels: int, num_classes, when: s
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, in_channels, *size))
+            out = model(torch.zeros(1, in_channels, *size, device=model_device(model)))
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
@@ -477,7 +478,7 @@ def _cls_output_check(work: nn.Module, size, in_channels: int) -> None:
     work.eval()
     try:
         with torch.no_grad():
-            logits = work.forward_cls(torch.zeros(2, in_channels, *size))
+            logits = work.forward_cls(torch.zeros(2, in_channels, *size, device=model_device(work)))
     finally:
         work.train(was)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2:

@@ -27,7 +27,10 @@ def _run_pipeline(cfg: dict, out: Path, quiet: bool, t0: float) -> int:
     (``engine.distributed``: init from the environment, rank 0 writes and prints, teardown at the end)."""
     from .engine import distributed as ddp
     from .pipeline import Pipeline
-    with ddp.launch(cfg["distributed"]):
+    dist_cfg = dict(cfg["distributed"])
+    if dist_cfg.get("device") is None and cfg.get("device", "auto") != "auto":  # the top-level key decides
+        dist_cfg["device"] = "cpu" if cfg["device"] == "cpu" else "cuda"
+    with ddp.launch(dist_cfg):
         m = Pipeline(cfg, out, quiet=quiet).run()
         if ddp.is_main():
             _print_summary(m, out, time.perf_counter() - t0)

@@ -36,6 +36,7 @@ from .checkpoint import CheckpointError, load_into_model, load_json, load_state_
 from .config import DEFAULTS, ConfigError, merge, read_yaml_mapping, validate
 from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num_classes
 from .engine import distributed as ddp
+from .engine.device import describe_device, resolve_device, strict_fp32
 from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
 from .engine.profile import count_flops, profile_model
@@ -248,7 +249,10 @@ class Pipeline:
                 if len(ds) < b:
                     raise ConfigError(f"data.{sec}.batch_size={b}: larger than the training set ({len(ds)} samples); "
                                       f"with several processes every global batch must be full")
-        self.device = ddp.device()
+        # top-level ``device`` (auto | cpu | cuda | cuda:N); several processes: this rank's device (torchrun)
+        self.device = ddp.device() if ddp.active() else resolve_device(cfg.get("device", "auto"))
+        if self.device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest kernels (not run on a GPU here)
+            torch.backends.cudnn.benchmark = True
         cfg_file = self.out / "config.yaml"
         if cfg_file.exists():
             old = read_yaml_mapping(cfg_file, "run config")  # ConfigError naming the file if damaged
@@ -257,8 +261,8 @@ class Pipeline:
                 unknown: list[str] = []
                 filled = merge(DEFAULTS, old, "", unknown)
                 old = old if unknown else filled
-            if isinstance(old, dict) and "distributed" in cfg:  # how it is launched may change between attempts
-                old = {**old, "distributed": cfg["distributed"]}
+            if isinstance(old, dict):  # where and how it is launched may change between attempts
+                old = {**old, **{k: cfg[k] for k in ("distributed", "device") if k in cfg}}
             if old != cfg:
                 diff = sorted(_diff_keys(old, cfg))
                 raise ConfigError(f"run folder {self.out} was made with another config (differs at: "
@@ -480,8 +484,7 @@ class Pipeline:
             return
         cfg, log, size = self.cfg, self._log("prune"), model_input_size(self.cfg)
         pr, sparse = cfg["prune"], run.sparse
-        if self.device.type != "cpu":  # tracing, selection and physical removal run on the CPU
-            sparse, run.graph = sparse.cpu(), None
+        # tracing, scoring (with calibration batches), selection and removal run on the run's device
         if run.graph is None:  # sparsity stage loaded from disk (or moved): trace the model as it is now
             run.graph = build_graph(sparse, size)
             run.units = discover_units(sparse, run.graph, pr["prune_coupled"])
@@ -501,7 +504,8 @@ class Pipeline:
                                          training_search=training_search, flops_unpruned=flops0)
         pruned = remove(meth, sparse, units, kept, run.graph, log)
         spec = widths_spec(units, kept, pr["prune_coupled"])
-        m = evaluate_segmentation(pruned, run.seg_eval, self.num_classes, self.ignore_index)
+        with strict_fp32(self.device):
+            m = evaluate_segmentation(pruned, run.seg_eval, self.num_classes, self.ignore_index)
         log.write(f"before fine-tuning: mIoU {m['miou']:.4f}")
         per_part = {k: [d["kept"], d["channels"]] for k, d in kept_per_part(units, kept).items()}
         log.write("kept channels per part: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_part.items()))
@@ -564,7 +568,8 @@ class Pipeline:
                "eval_native_size": cfg["data"]["seg"]["input_size"] is None}
         names = getattr(self.seg_eval, "CLASSES", None)
         for key, model in (("baseline", baseline), ("pruned", pruned)):
-            m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names, protocol=ev)
+            with strict_fp32(self.device):  # no TF32 on a GPU: `segprune evaluate` compares within MIOU_TOLERANCE
+                m = evaluate_segmentation(model, seg_eval, self.num_classes, self.ignore_index, names, protocol=ev)
             ddp.barrier()  # several processes: the other ranks idle while rank 0 measures (CPU) latency
             p = profile_model(_on_cpu(model), size, threads=ev["threads"], runs=ev["latency_runs"],
                               warmup=ev["latency_warmup"]) if ddp.is_main() else None
@@ -601,6 +606,7 @@ class Pipeline:
         self.timings["evaluate"] = round(log.elapsed(), 2)
         out["stage_wall_s"] = dict(self.timings)
         out["threads"] = torch.get_num_threads()
+        out["eval_device"] = describe_device(self.device)  # what `segprune evaluate` compares against
         save_json(self.out / "metrics.json", out)
         atomic_write_bytes(self.out / "report.md", render_report(out, cfg).encode())
         save_json(self._stage_dir("evaluate") / "done.json", {"stage": "evaluate", "wall_s": self.timings["evaluate"],

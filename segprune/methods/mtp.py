@@ -64,7 +64,7 @@ from torch import nn
 from ..engine import distributed as ddp
 from ..engine.log import StageLog
 from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
-                             load_optimizer_tensors, module_tensors, optimizer_tensors)
+                             load_optimizer_tensors, module_tensors, optimizer_tensors, restore_rng, rng_state)
 from ..checkpoint import CheckpointError
 from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, seg_denominator, seg_loss, set_lr
 from ..pruning.groups import PruneUnit, in_part, unit_gammas
@@ -189,14 +189,15 @@ class MTP:
         denom = ddp.global_count(y.numel())  # None in a single process
         if denom is None:
             loss = F.cross_entropy(self.forward_w1(x), y)
-            check_finite(loss, "sparsity (W1, Eq. 7)", self.steps)
+            value = loss.item()  # the step's one host sync
+            check_finite(value, "sparsity (W1, Eq. 7)", self.steps)
         else:  # this rank's share of the global mean
             loss = F.cross_entropy(self.forward_w1(x), y, reduction="sum") / denom
         self.opt1.zero_grad(set_to_none=True)
         loss.backward()
         if denom is not None:  # gradients of l_cls summed over ranks, before the coupling terms
-            loss = torch.tensor(ddp.sync_grads(self.opt1, loss)[0])
-            check_finite(loss, "sparsity (W1, Eq. 7)", self.steps)
+            value = float(ddp.sync_grads(self.opt1, loss)[0])
+            check_finite(value, "sparsity (W1, Eq. 7)", self.steps)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.p1]
         torch._foreach_add_(grads, self.coupling_grad())
         for p, g in zip(self.p1, grads):
@@ -208,7 +209,7 @@ class MTP:
         self.opt1.step()
         if self.cfg["l1_mode"] == "proximal":
             l1_prox_(self.gamma1, lr * alpha1)
-        return loss.item()
+        return value
 
     # ---- Eqs. 8 and 9 (one shared segmentation forward/backward) --------------------------
     def step_w23(self, x: torch.Tensor, y: torch.Tensor, lr: float, ignore_index: int) -> float:
@@ -217,13 +218,14 @@ class MTP:
         denom = seg_denominator(y, ignore_index)  # None in a single process
         seg = seg_loss(self.model, x, y, ignore_index, denom)  # + weighted auxiliary-head losses, if the model has them
         if denom is None:
-            check_finite(seg, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
+            value = seg.item()  # the step's one host sync
+            check_finite(value, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
         loss = float(self.cfg["lam"]) * seg
         self.opt23.zero_grad(set_to_none=True)
         loss.backward()
         if denom is not None:  # gradients of λ l_seg summed over ranks, before the coupling terms
-            seg = torch.tensor(ddp.sync_grads(self.opt23, seg)[0])
-            check_finite(seg, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
+            value = float(ddp.sync_grads(self.opt23, seg)[0])
+            check_finite(value, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
         coupling = self.coupling_grad()          # ∂/∂W3 of the coupling terms is minus this
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.p3]
         torch._foreach_sub_(grads, coupling)
@@ -236,7 +238,7 @@ class MTP:
         self.opt23.step()
         if self.cfg["l1_mode"] == "proximal":
             l1_prox_(self.gamma2, lr * alpha2)
-        return seg.item()
+        return value
 
     # ---- Eq. 10 --------------------------------------------------------------------------
     def update_multipliers(self) -> None:
@@ -289,6 +291,8 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
     cls_iter = ResumableCycle(cls_loader)
     seg = LoaderCursor(seg_loader)
     start_epoch, skip, lc, ls = 0, 0, 0.0, 0.0
+    like = next(model.parameters())
+    dev = like.device
     saved = ckpt.load(("mu", "steps", "epoch", "batch", "lc", "ls", "cls.epoch", "cls.batch"),
                       ("seg.gen", "rng.torch", "cls.gen")) if ckpt is not None else None
     if saved is not None:
@@ -302,10 +306,9 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
         mtp.mu, mtp.steps = float(meta["mu"]), int(meta["steps"])
         start_epoch, skip, lc, ls = int(meta["epoch"]), int(meta["batch"]), float(meta["lc"]), float(meta["ls"])
         seg.restore(t["seg.gen"])
-        torch.set_rng_state(t["rng.torch"])  # dropout draws from the global generator
+        restore_rng(t, dev)  # dropout draws from the global generator (and the GPU's on a GPU)
         cls_iter.load("cls", t, meta)
         log.write(f"resumed from {src} at iteration {mtp.steps} (epoch {start_epoch + 1}, batch {skip})")
-    like = next(model.parameters())
     with ddp.replicated(model, mtp.w1):  # several processes: global-batch BatchNorm statistics and dropout masks
         for epoch in range(start_epoch, int(cfg["epochs"])):
             if epoch != start_epoch:
@@ -327,7 +330,7 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
                     ckpt.save({**module_tensors("model", model), **module_tensors("w1", mtp.w1),
                                **optimizer_tensors("opt1", mtp.opt1), **optimizer_tensors("opt23", mtp.opt23),
                                **{f"E.{i}": e for i, e in enumerate(mtp.E)}, "seg.gen": seg.epoch_state,
-                               "rng.torch": torch.get_rng_state(), **ct},
+                               **rng_state(dev), **ct},
                               {"mu": mtp.mu, "steps": mtp.steps, "epoch": epoch, "batch": i + 1, "lc": lc, "ls": ls, **cm})
                 fault_point(log.stage, mtp.steps)
             bar.close()
