@@ -148,3 +148,30 @@ def test_budget_rejects_bad_values():
                     ({"round_to": 0}, ">= 1"), ({"flops_tolerance": 0}, "> 0")):
         with pytest.raises(ValueError, match=msg):
             Budget(**kw)
+
+
+def test_mtp_run_folder_of_an_earlier_version_resumes_at_the_prune_stage(baseline_run):
+    """Run folders written before MTP was a PruningMethod hold its γ1 scores only in
+    ``03_sparsity/scores.safetensors`` (no ``method_state.safetensors``): resuming after the sparsity
+    stage reads them (``legacy_state_file``) and prunes exactly as an uninterrupted run."""
+    import shutil
+    tmp, base = baseline_run
+    cfg = _cfg(tmp, "mtp", "keep")
+    straight = tmp / "mtp_legacy_straight"
+    Pipeline(cfg, straight, quiet=True, share=[base]).run(stop_after="prune")
+    legacy = tmp / "mtp_legacy"
+    Pipeline(cfg, legacy, quiet=True, share=[base]).run(stop_after="sparsity")
+    state = stage_dir(legacy, "sparsity") / "method_state.safetensors"
+    assert state.is_file()
+    state.unlink()  # what an earlier segprune wrote: scores.safetensors only
+    assert (stage_dir(legacy, "sparsity") / "scores.safetensors").is_file()
+    Pipeline(cfg, legacy, quiet=True).run(stop_after="prune")
+    a, _ = load_run_model(stage_dir(straight, "prune"))
+    b, _ = load_run_model(stage_dir(legacy, "prune"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # without either file MTP cannot know W1's γ: a clear error, not other widths
+    shutil.rmtree(stage_dir(legacy, "prune"))
+    (stage_dir(legacy, "sparsity") / "scores.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="MTP scores are the γ of its sparsity training"):
+        Pipeline(cfg, legacy, quiet=True).run(stop_after="prune")
