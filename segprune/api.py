@@ -54,6 +54,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import CheckpointError, load_into_model, load_json, load_state_dict, save_json, save_state_dict
 from .config import DEFAULTS, merge, validate
+from .engine.amp import AMP_MODES, amp_mode
 from .engine.device import model_device
 from .engine.log import StageLog
 from .engine.profile import count_flops, count_params
@@ -302,7 +303,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
                 input_size: tuple[int, int] | None = None, in_channels: int = 3, threshold_mode: str = "ind",
                 min_channels: int = 1, include_coupled: bool = False, ignore_index: int = 255,
                 method_cfg: Mapping | None = None, finetune: bool | Mapping | None = None, calib_loader=None,
-                round_to: int = 1,
+                round_to: int = 1, amp: str = "off",
                 seed: int | None = None, inplace: bool = False, quiet: bool = True,
                 log_dir: str | Path | None = None) -> PruneResult:
     """Prune the channels of ``model`` with ``method`` and remove them physically (Algorithm 1, lines 1-10,
@@ -353,6 +354,9 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             pruned network is trained on classification (backbone + head, needs ``cls_head`` and
             ``cls_loader``; skipped otherwise and the report says why), then on segmentation.
         calib_loader: calibration images for ThiNet/SIRFP (default ``seg_loader``).
+        amp: mixed precision of the training phases (``"off"``, ``"bf16"``, or ``"fp16"`` for a model
+            on a CUDA device): forward and loss under autocast, weights and γ in float32
+            (``segprune.engine.amp``).
         round_to: round every pruned unit's width to a multiple of this (1 = off; 8 or 16 for
             kernels that are faster on aligned widths), adding back the best-ranked or dropping the
             worst-ranked channels; inside a FLOPs-target search the target is met after rounding.
@@ -386,7 +390,9 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         logs[phase] = StageLog(phase, Path(log_dir) if log_dir else None, quiet=quiet)
         return logs[phase]
 
-    with _attach_for(work, setup, cls_forward):
+    if amp not in AMP_MODES or (amp == "fp16" and model_device(work).type != "cuda"):
+        raise ValueError(f"amp={amp!r} must be one of {', '.join(AMP_MODES)} (fp16 only for a model on a CUDA device)")
+    with _attach_for(work, setup, cls_forward), amp_mode(amp):
         out_shape = _output_check(work, size, in_channels, num_classes, "before pruning")
         if setup["cls_head"]:
             _cls_output_check(work, size, in_channels)

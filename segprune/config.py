@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
         # seed of the baseline stages (pre-training, segmentation training); null = the top-level seed.
         # A sweep over ``seed`` with a fixed ``train.seed`` shares one trained baseline between runs.
         "seed": None,
+        # mixed precision of every training loop (segprune/engine/amp.py): off | bf16 | fp16 (CUDA only)
+        "amp": "off",
         "pretrain_cls": {**_opt(10, 0.1), "schedule": "linear"},
         "seg": {**_opt(30, 0.01), "power": 0.9},
     },
@@ -277,6 +279,8 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(_num(cfg["seed"], int), "seed", "must be an integer")
     need(_num(cfg["checkpoint_every"], int) and cfg["checkpoint_every"] >= 0, "checkpoint_every", "must be an integer >= 0")
     need(cfg["train"]["seed"] is None or _num(cfg["train"]["seed"], int), "train.seed", "must be null or an integer")
+    need(cfg["train"].get("amp", "off") in ("off", "bf16", "fp16"), "train.amp",
+         "must be off, bf16 or fp16 (fp16 needs CUDA)")
     need(cfg["threads"] is None or (_num(cfg["threads"], int) and cfg["threads"] > 0), "threads", "must be null or a positive integer")
     m = cfg["model"]
     need(_num(m["width"]) and m["width"] > 0, "model.width", "must be > 0")

@@ -36,6 +36,7 @@ from .checkpoint import CheckpointError, load_into_model, load_json, load_state_
 from .config import DEFAULTS, ConfigError, merge, read_yaml_mapping, validate
 from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num_classes
 from .engine import distributed as ddp
+from .engine.amp import amp_mode
 from .engine.device import describe_device, resolve_device, strict_fp32
 from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
@@ -133,6 +134,8 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
         "finetune_seg": {"finetune": cfg["finetune"]["seg"]},
         "evaluate": {"eval": _eval_fingerprint(cfg["eval"]), "split": cfg["data"]["seg"]["eval_split"]},
     }
+    if cfg["train"].get("amp", "off") != "off":  # mixed precision changes every training stage from the first on
+        parts["pretrain_cls"]["amp"] = cfg["train"]["amp"]
     if getattr(method_class(cfg["method"]["name"]), "widths_fixed_in_training", False):
         if cfg["prune"].get("target_flops_ratio") is not None:
             # ACoSP trains for the widths the FLOPs target gives: the target enters its sparsity stage
@@ -251,6 +254,9 @@ class Pipeline:
                                       f"with several processes every global batch must be full")
         # top-level ``device`` (auto | cpu | cuda | cuda:N); several processes: this rank's device (torchrun)
         self.device = ddp.device() if ddp.active() else resolve_device(cfg.get("device", "auto"))
+        if cfg["train"].get("amp") == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"train.amp='fp16' needs a CUDA device (float16 autocast with loss scaling); the run's "
+                              f"device is {self.device}: use train.amp=bf16 or off")
         if self.device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest kernels (not run on a GPU here)
             torch.backends.cudnn.benchmark = True
         cfg_file = self.out / "config.yaml"
@@ -408,7 +414,8 @@ class Pipeline:
         # every stage gets fresh loaders (data order independent of which stages ran in this process)
         run = _RunState(*self._eval_loaders())
         for stage in STAGES:
-            getattr(self, f"_stage_{stage}")(run)
+            with amp_mode(self.cfg["train"].get("amp", "off")):  # training loops read it (engine/amp.py)
+                getattr(self, f"_stage_{stage}")(run)
             if stage == stop_after:
                 return None
         return run.metrics

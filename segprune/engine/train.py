@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as ddp
+from .amp import Amp
 from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors, restore_rng, rng_state)
@@ -175,6 +176,11 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
     return {**out, "iters": it}  # the caller deletes the in-stage checkpoint once the stage is saved
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int,
              denom: float | None = None) -> torch.Tensor:
     """Segmentation loss of ``model`` on images x (N, 3, H, W) and labels y (N, H, W), ignore index excluded.
@@ -192,6 +198,8 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
         ValueError: ``forward_aux`` returns another number of auxiliary outputs than ``aux_weights``.
     """
     def ce(logits):
+        if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
+            logits = logits.float()
         if denom is None:
             return F.cross_entropy(logits, y, ignore_index=ignore_index)
         return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum") / denom
@@ -226,20 +234,23 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
     Raises:
         NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
     """
+    amp = Amp(_device_of(model))  # train.amp (engine/amp.py): autocast of forward + loss
+
     def step(x, y, opt, it):
         denom = seg_denominator(y, ignore_index)  # None in a single process
-        loss = seg_loss(model, x, y, ignore_index, denom)
+        with amp.autocast():
+            loss = seg_loss(model, x, y, ignore_index, denom)
         if denom is None:
             value = loss.item()  # the step's one host sync: NaN check and logged loss
             check_finite(value, log.stage, it)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        amp.backward(loss, opt)  # gradients unscaled on return (fp16)
         if denom is not None:  # several processes: gradients and loss summed over ranks
             value = ddp.sync_grads(opt, loss)[0]
             check_finite(value, log.stage, it)
         if step_hook is not None:
             step_hook(it)
-        opt.step()
+        amp.step(opt)
         if post_step is not None:
             post_step(opt.param_groups[0]["lr"])
         return {"loss": value}
@@ -265,9 +276,13 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
     """
     forward = forward or net
     linear = cfg.get("schedule", "linear") == "linear"
+    amp = Amp(_device_of(net))  # train.amp (engine/amp.py): autocast of forward + loss
 
     def step(x, y, opt, it):
-        logits = forward(x)
+        with amp.autocast():
+            logits = forward(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
+            logits = logits.float()
         denom = ddp.global_count(y.numel())  # None in a single process
         if denom is None:
             loss = F.cross_entropy(logits, y)
@@ -278,12 +293,12 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
         if denom is None:
             check_finite(value, log.stage, it)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        amp.backward(loss, opt)
         out = {"loss": value, "correct": correct, "seen": float(y.numel())}
         if denom is not None:  # several processes: gradients, loss and counts summed over ranks
             out = dict(zip(out, ddp.sync_grads(opt, *out.values())))
             check_finite(out["loss"], log.stage, it)
-        opt.step()
+        amp.step(opt)
         return out
 
     st = train_loop(net, net.parameters(), loader, cfg, log,

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from ..engine.amp import current_amp
 from ..engine import distributed as ddp
 from ..engine.train import LoopState, check_finite, iters_per_epoch, poly_lr, seg_denominator, seg_loss, train_loop
 from ..pruning.groups import PruneUnit
@@ -297,6 +298,8 @@ class ACoSP(PruningMethod):
         epochs = int(c["epochs"])
         lr0 = float(c["lr_seg"])
         lr_logits = float(self.options["lr_logits"] if self.options["lr_logits"] is not None else lr0)
+        if current_amp() != "off":
+            log.write(f"acosp: train.amp={current_amp()} is not applied to the mask training yet: it runs in float32")
         keep = self.unit_k(units)
         masks = UnitMasks(model, units, keep)
         n_it = iters_per_epoch(seg_loader, c["max_iters_per_epoch"])

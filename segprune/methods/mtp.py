@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import distributed as ddp
+from ..engine.amp import current_amp
 from ..engine.log import StageLog
 from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
                              load_optimizer_tensors, module_tensors, optimizer_tensors, restore_rng, rng_state)
@@ -417,6 +418,8 @@ class MultiTaskPruning(PruningMethod):
         """
         if cls_loader is None:
             raise ValueError("MTP needs classification batches (cls_loader) for the W1 step (Eq. 7)")
+        if current_amp() != "off":
+            log.write(f"mtp: train.amp={current_amp()} is not applied to MTP's steps yet: they run in float32")
         mtp = run_mtp(model, units, cls_loader, seg_loader, self.cfg, ignore_index, log, ckpt=ckpt)
         self._scores = {k: v.detach().clone() for k, v in unit_gammas(model, units, mtp.score_sources()).items()}
         info = {"mu": mtp.mu, "gap": mtp.gap(), **mtp.sparsity(), "steps": mtp.steps}
