@@ -82,7 +82,8 @@ def fold_removed_constants(model: nn.Module, units: list[PruneUnit], kept: dict[
       mean absorbs the shift anyway). Exact where the conv never reads its zero padding (1×1
       kernels, padding 0, or a non-zero padding mode). A zero-padded k×k conv sees c inside the
       feature map but 0 in the padding, so the fold is exact only on output pixels whose receptive
-      field lies inside the map and approximate on the border ring ((k-1)/2·dilation pixels wide):
+      field lies inside the map and approximate on the border ring whose windows reach into the padding
+      (about padding/stride output pixels wide):
       folded with ``mode="interior"``, skipped with ``mode="exact"``.
     * consumer ``Linear`` (O, F): ``delta = W[:, j] * c`` added to its bias (exact).
     * a constant c = 0 (e.g. ReLU(β) with β <= 0) needs no fold: removal is exact as it is.
