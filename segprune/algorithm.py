@@ -222,11 +222,22 @@ def choose_widths(method: PruningMethod, model: nn.Module, units: list[PruneUnit
 
 
 def remove(method: PruningMethod, model: nn.Module, units: list[PruneUnit], kept: dict[str, torch.Tensor],
-           graph, log=None) -> nn.Module:
+           graph, log=None, input_size: tuple[int, int] = (64, 64), record: dict | None = None) -> nn.Module:
     """Algorithm 1, line 10: remove every unit's other channels physically (``prune_channels``, in
     place, through the DepGraph ``graph`` traced on ``model``), then the method's ``after_prune``
-    (e.g. Uniform from scratch re-initialises). Returns ``model``, now with smaller tensors."""
-    pruned = prune_channels(model, units, kept, graph)
+    (e.g. Uniform from scratch re-initialises). Returns ``model``, now with smaller tensors.
+
+    Removed channels whose γ is exactly 0 first have their constant output folded into their
+    consumers (``segprune.pruning.fold_removed_constants``, default ``compensate="interior"``;
+    a probe forward at ``input_size``); ``record``, if given, receives what was folded."""
+    rec: dict = {}
+    pruned = prune_channels(model, units, kept, graph, input_size=tuple(input_size), record=rec)
+    if log is not None and rec.get("channels"):
+        log.write(f"removal compensation ({rec['mode']}): {rec['channels']} removed channels with γ = 0; folds "
+                  f"exact {rec['exact']}, interior-exact {rec['interior']}, constant 0 {rec['zero_constant']}, "
+                  f"skipped {sum(rec['skipped'].values())} {rec['skipped'] or ''}")
+    if record is not None:
+        record.update(rec)
     method.after_prune(pruned, log)
     return pruned
 

@@ -60,7 +60,7 @@ from .engine.log import StageLog
 from .engine.profile import count_flops, count_params
 from .algorithm import Budget, choose_widths, finetune_classification, finetune_segmentation, kept_per_part, remove, sparsify
 from .methods.base import PruningMethod, build_method, method_names
-from .pruning import apply_widths, build_graph, discover_units, layer_widths, widths_spec
+from .pruning import apply_widths, build_graph, discover_units, layer_widths, removed_gamma_share, widths_spec
 from .pruning.groups import has_cls_forward
 
 __all__ = ["prune_model", "PruneResult", "save_pruned", "load_pruned", "USER_ARCH_FORMAT"]
@@ -82,7 +82,9 @@ class PruneResult:
             ``min_channels``, ``input_size`` [H, W], ``params``/``flops``/``macs``
             ({"before", "after", "ratio"}; FLOPs by ``torch.utils.flop_counter`` at ``input_size``,
             batch 1, one multiply-add = 2 FLOPs), ``units`` (root conv name -> {"part", "channels",
-            "kept"}), ``parts`` (part -> {"channels", "kept", "units"}), ``layer_widths``
+            "kept"}), ``parts`` (part -> {"channels", "kept", "units"}), ``removed_gamma_share``
+            ({"total", "parts"}: share of the units' Σ|γ| the removal deleted), ``compensation`` (what
+            ``segprune.pruning.fold_removed_constants`` folded for removed channels with γ = 0), ``layer_widths``
             ({"before", "after"}: conv name -> [in, out]), ``sparsity`` (what the method's training
             reported, e.g. MTP's μ and ||W1 − W3||), ``flops_target`` (the search, with a
             ``target_flops_ratio``), ``finetune`` (per stage: loss, accuracy, iterations, or why it
@@ -415,7 +417,8 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
                                            flops_unpruned=flops0)
         if budget.target_flops_ratio is not None:
             keep_ratio = flops_target["keep_ratio_found"]
-        remove(meth, work, units, kept, graph, lg)
+        gamma_share, compensation = removed_gamma_share(work, units, kept), {}  # before removal (in place)
+        remove(meth, work, units, kept, graph, lg, input_size=size, record=compensation)
         spec = widths_spec(units, kept, include_coupled)
         out_after = _output_check(work, size, in_channels, num_classes, "after pruning")
         if out_after[1] != out_shape[1]:
@@ -435,6 +438,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         "macs": {"before": flops0 // 2, "after": flops1 // 2},
         "flops_note": "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2",
         "units": spec["units"], "parts": kept_per_part(units, kept),
+        "removed_gamma_share": gamma_share, "compensation": compensation,
         "layer_widths": {"before": widths0, "after": layer_widths(work)},
         "sparsity": {k: v for k, v in sparsity.items() if isinstance(v, (int, float, str, bool))},
         "flops_target": flops_target if budget.target_flops_ratio is not None else None, "finetune": ft_report,

@@ -6,8 +6,10 @@ sub-folders are run folders). Outputs, in ``out``:
 * ``table.md`` / ``table.csv``: per setting (method, target: a channel keep ratio or a FLOPs ratio
   (``prune.target_flops_ratio``), threshold mode, fine-tuning),
   mean ± sample std over seeds of mIoU, ΔmIoU to the baseline, params / FLOPs / latency as a
-  fraction of the baseline (×), mIoU before fine-tuning, classification top-1 of the pruned
-  backbone and kept channels per part; the CSV has one line per run.
+  fraction of the baseline (×), mIoU before fine-tuning, the prune-step loss (mIoU after sparsity
+  training minus mIoU right after removal, in points), the share of Σ|γ| the removal deleted,
+  classification top-1 of the pruned backbone and kept channels per part; the CSV has one line per
+  run. Run folders made before a metric existed give empty cells.
 * ``pareto.png``: mIoU (%) against GFLOPs, one point per run, the non-dominated front drawn.
 * ``widths.png``: output channels per prunable conv layer, baseline and pruned, backbone and
   decoder in separate panels (MTP paper, Figure 5).
@@ -90,6 +92,24 @@ class RunRecord:
         thr = "-" if self.method in ("uniform", "thinet", "fpgm") else self.threshold
         return (self.method, self.target_kind, thr, self.ft, self.baseline_id, self.round_to)
 
+    @property
+    def sparse_miou(self) -> float | None:
+        """mIoU after sparsity training, before removal (None in run folders made before it was recorded)."""
+        return (self.m.get("sparse") or {}).get("miou")
+
+    @property
+    def prune_step_loss(self) -> float | None:
+        """Sparse mIoU minus the mIoU right after removal (a fraction, like ``delta_miou``), or None."""
+        if self.m.get("prune_step_loss") is not None:
+            return self.m["prune_step_loss"]
+        before = self.m["pruned"].get("miou_before_finetune")
+        return None if None in (self.sparse_miou, before) else self.sparse_miou - before
+
+    @property
+    def removed_gamma_share(self) -> float | None:
+        """Share of the units' Σ|γ| that the removal deleted (0..1), or None."""
+        return (self.m.get("removed_gamma_share") or {}).get("total")
+
     def __repr__(self) -> str:
         return f"RunRecord({self.name!r}, {self.method}, {self.keep})"
 
@@ -135,6 +155,11 @@ def _nan(v):
     return float("nan") if v is None else v
 
 
+def _mean_std_opt(vals: list[float | None]) -> tuple[float, float | None] | None:
+    """:func:`_mean_std`, or None when any run lacks the value (an older run folder): an empty cell."""
+    return None if not vals or any(v is None for v in vals) else _mean_std(vals)
+
+
 def group_runs(runs: list[RunRecord]) -> list[dict]:
     """Aggregate runs of one setting over seeds.
 
@@ -142,7 +167,8 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
     ``target_kind`` ("channels" / "flops"), ``target_flops_ratio`` (None for a channel keep ratio),
     ``keep`` (the channel keep ratio; with a FLOPs target the mean of the ratios found), ``keep_std``,
     ``threshold, finetune, seeds, runs`` and, for each of ``miou, delta_miou, params, flops, latency, miou_before_ft,
-    cls_top1, kept_backbone, kept_decoder``, a ``(mean, std|None)`` pair. ``params``, ``flops`` and
+    cls_top1, kept_backbone, kept_decoder``, a ``(mean, std|None)`` pair; ``sparse_miou``, ``prune_step_loss``
+    (fraction) and ``removed_gamma_share`` are such a pair, or None when a run of the setting lacks them. ``params``, ``flops`` and
     ``latency`` are ratios pruned / baseline; ``kept_*`` fractions of the part's prunable channels.
     """
     groups: dict[tuple, list[RunRecord]] = {}
@@ -170,6 +196,9 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
             "cls_top1": col(lambda r: r.m["pruned"]["cls_top1"]),
             "cls_top1_ft": col(lambda r: _nan(r.top1_ft)),
             "kept_backbone": col(kept("backbone")), "kept_decoder": col(kept("decoder")),
+            "sparse_miou": _mean_std_opt([r.sparse_miou for r in rs]),
+            "prune_step_loss": _mean_std_opt([r.prune_step_loss for r in rs]),
+            "removed_gamma_share": _mean_std_opt([r.removed_gamma_share for r in rs]),
         })
     return rows
 
@@ -178,6 +207,11 @@ def _pm(ms: tuple[float, float | None], scale: float = 100.0, fmt: str = "{:.2f}
     mu, sd = ms
     s = ("{:+.2f}" if sign else fmt).format(scale * mu)
     return s if sd is None else f"{s} ± {fmt.format(scale * sd)}"
+
+
+def _pm_opt(ms, scale: float = 100.0, fmt: str = "{:.2f}") -> str:
+    """:func:`_pm`, or an empty cell for a value that some run lacks."""
+    return "" if ms is None else _pm(ms, scale, fmt)
 
 
 def _keep(g: dict) -> str:
@@ -199,8 +233,9 @@ def render_table(runs: list[RunRecord]) -> str:
         lines.append(f"| {r.cfg['model']['name']} #{i + 1} | {100 * b['miou']:.2f} | {b['params'] / 1e6:.3f} | "
                      f"{b['flops'] / 1e9:.3f} | {b['latency_ms']:.2f} | {100 * _nan(r.top1_base):.2f} |")
     lines += ["", "| method | keep | threshold | target | fine-tune | seeds | mIoU (%) | ΔmIoU | params (×) | FLOPs (×) | "
-              "latency (×) | mIoU before FT (%) | backbone top-1 after cls FT (%) | kept backbone / decoder (%) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "latency (×) | mIoU before FT (%) | mIoU after sparsity (%) | prune-step loss (pts) | removed Σ\\|γ\\| (%) | "
+              "backbone top-1 after cls FT (%) | kept backbone / decoder (%) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     multi_base = len(bases) > 1
     base_no = {k: i + 1 for i, k in enumerate(bases)}
     for g in group_runs(runs):
@@ -209,13 +244,17 @@ def render_table(runs: list[RunRecord]) -> str:
             f"| {g['method']}{tag} | {_keep(g)} | {g['threshold']} | {g['target']} | {g['finetune']} | "
             f"{','.join(map(str, g['seeds']))} | {_pm(g['miou'])} | {_pm(g['delta_miou'], sign=True)} | "
             f"{_pm(g['params'], 1, '{:.2f}')} | {_pm(g['flops'], 1, '{:.2f}')} | {_pm(g['latency'], 1, '{:.2f}')} | "
-            f"{_pm(g['miou_before_ft'])} | {_pm(g['cls_top1_ft'])} | "
+            f"{_pm(g['miou_before_ft'])} | {_pm_opt(g['sparse_miou'])} | {_pm_opt(g['prune_step_loss'])} | "
+            f"{_pm_opt(g['removed_gamma_share'])} | {_pm(g['cls_top1_ft'])} | "
             f"{100 * g['kept_backbone'][0]:.0f} / {100 * g['kept_decoder'][0]:.0f} |")
     lines += ["", "Target: what each run was pruned to, a channel keep ratio (prune.keep_ratio) or a FLOPs ratio "
               "(prune.target_flops_ratio; its keep column is the keep ratio the search found, mean over seeds). "
               "Ratios are pruned / baseline of the same run; ± is the sample standard deviation over seeds. "
               "FLOPs: one multiply-add = 2 FLOPs. Latency: batch 1, median (see each run's report.md for threads). "
-              "Backbone top-1: classification eval split, right after the classification stage (MTP paper, Table 5)."]
+              "Backbone top-1: classification eval split, right after the classification stage (MTP paper, Table 5). "
+              "Prune-step loss: mIoU after sparsity training minus mIoU right after removal, in points (both "
+              "single-scale); removed Σ|γ|: the share of the prunable units' Σ|γ| that the removal deleted. "
+              "Empty cells: run folders made before these were recorded."]
     return "\n".join(lines) + "\n"
 
 
@@ -223,7 +262,8 @@ CSV_FIELDS = ["run", "method", "keep_ratio", "threshold_mode", "finetune", "seed
               "pixel_acc", "baseline_params", "params", "params_ratio", "baseline_flops", "flops", "flops_ratio",
               "baseline_latency_ms", "latency_ms", "latency_ratio", "miou_before_finetune", "baseline_cls_top1",
               "cls_top1", "baseline_top1_after_pretrain", "top1_after_cls_finetune", "kept_backbone", "kept_decoder",
-              "target", "target_flops_ratio", "flops_target_met", "round_to"]
+              "target", "target_flops_ratio", "flops_target_met", "round_to", "sparse_miou", "prune_step_loss",
+              "removed_gamma_share"]
 
 
 def write_csv(runs: list[RunRecord]) -> str:
@@ -231,7 +271,9 @@ def write_csv(runs: list[RunRecord]) -> str:
 
     ``target`` is ``flops <ratio>`` or ``channels <keep ratio>``; ``keep_ratio`` is the channel keep
     ratio used (with a FLOPs target, the one found); ``target_flops_ratio`` / ``flops_target_met`` are
-    empty without a FLOPs target."""
+    empty without a FLOPs target; ``sparse_miou`` (after sparsity training, before removal),
+    ``prune_step_loss`` (``sparse_miou`` − ``miou_before_finetune``, a fraction like ``delta_miou``) and
+    ``removed_gamma_share`` (0..1) are empty for run folders made before they were recorded."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
@@ -249,7 +291,8 @@ def write_csv(runs: list[RunRecord]) -> str:
                     "kept_decoder": k["decoder"][0] / k["decoder"][1],
                     "target": f"{r.target_kind[0]} {r.target_kind[1]:g}", "target_flops_ratio": r.target,
                     "flops_target_met": r.m.get("flops_target_met") if r.target is not None else None,
-                    "round_to": r.round_to})
+                    "round_to": r.round_to, "sparse_miou": r.sparse_miou, "prune_step_loss": r.prune_step_loss,
+                    "removed_gamma_share": r.removed_gamma_share})
     return buf.getvalue()
 
 

@@ -5,13 +5,20 @@ Stages (each writes ``stages/<stage>/`` with ``model.safetensors``, ``arch.json`
 
 1. ``pretrain_cls``  classification pre-training of the backbone (Eq. 1)
 2. ``train_seg``     segmentation training of backbone + decoder (Eq. 2) -> the baseline
-3. ``sparsity``      MTP sparsity training (Eqs. 5-10, Algorithm 1 lines 1-7)
-4. ``prune``         thresholds on γ (Ind/Uni) and physical removal (lines 9-10)
+3. ``sparsity``      MTP sparsity training (Eqs. 5-10, Algorithm 1 lines 1-7); records the
+                     single-scale mIoU of the network before removal (``sparse_eval``)
+4. ``prune``         thresholds on γ (Ind/Uni) and physical removal (lines 9-10), folding the
+                     constant output of removed γ = 0 channels into their consumers; records the
+                     removed share of Σ|γ| and the mIoU right after removal
 5. ``finetune_cls``  fine-tune the pruned backbone on classification (line 11)
 6. ``finetune_seg``  fine-tune the pruned network on segmentation (line 11)
 7. ``evaluate``      mIoU, pixel accuracy, params, FLOPs, MACs, latency of baseline and pruned
 
-The run folder holds ``config.yaml`` (resolved), ``logs/``, ``metrics.json`` and ``report.md``.
+The run folder holds ``config.yaml`` (resolved), ``logs/``, ``metrics.json`` and ``report.md``;
+``metrics.json`` has ``baseline``, ``pruned`` and, for the removal step, ``sparse`` ({miou,
+pixel_acc} before removal), ``prune_step_loss`` (sparse mIoU − mIoU right after removal) and
+``removed_gamma_share`` (docs/methods.md, "Metrics of the removal step"); null in run folders made
+before they were recorded.
 
 Under ``torchrun`` (several processes, ``engine.distributed``, docs/distributed.md) every rank runs
 the same stages on its slice of each global batch; only rank 0 writes into the run folder (the
@@ -46,7 +53,7 @@ from .engine.train import make_loader, train_classification, train_segmentation
 from .algorithm import Budget, choose_widths, finetune_classification, finetune_segmentation, kept_per_part, remove, sparsify
 from .methods.base import PruningMethod, build_method, method_class, method_config
 from .models import build_model
-from .pruning import apply_widths, build_graph, discover_units, layer_widths, widths_spec
+from .pruning import apply_widths, build_graph, discover_units, layer_widths, removed_gamma_share, widths_spec
 
 __all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed", "stage_dir",
            "model_input_size"]
@@ -464,6 +471,13 @@ class Pipeline:
         meth = run.method
         info = sparsify(meth, sparse, run.units, seg_loader, cls_loader, self.ignore_index, log,
                         Budget.from_config(cfg["prune"]), size, ckpt=self._ckpt("sparsity"), seed=int(cfg["seed"]))
+        # the network after sparsity training, before removal: the reference of the prune-step loss
+        # (single-scale, like miou_before_finetune); the global RNG is left as it was (the data
+        # loader draws a seed), so a run resumed after this stage continues identically
+        with torch.random.fork_rng(devices=[]):
+            ev = evaluate_segmentation(sparse, run.seg_eval, self.num_classes, self.ignore_index)
+        info["sparse_eval"] = {"miou": ev["miou"], "pixel_acc": ev["pixel_acc"], "split": self._eval_split()}
+        log.write(f"after sparsity training: mIoU {ev['miou']:.4f} pixel acc {ev['pixel_acc']:.4f}")
         d = self._stage_dir("sparsity")
         if ddp.is_main():
             d.mkdir(parents=True, exist_ok=True)
@@ -474,6 +488,9 @@ class Pipeline:
             save_state_dict(d / "scores.safetensors", {k: v.contiguous() for k, v in record.items()})
         self._finish("sparsity", sparse, self._arch(None), log, {"method": meth.name, **info})
         run.sparse = sparse
+
+    def _eval_split(self) -> str:
+        return self.cfg["eval"]["split"] or self.cfg["data"]["seg"]["eval_split"]
 
     def _restore_method_state(self, run: "_RunState") -> None:
         """The sparsity stage was loaded from disk: give the method what its training learned."""
@@ -509,7 +526,11 @@ class Pipeline:
         kept, flops_info = choose_widths(meth, sparse, units, Budget.from_config(pr), size,
                                          calib_loader=self._calib_loader(), log=log.write,
                                          training_search=training_search, flops_unpruned=flops0)
-        pruned = remove(meth, sparse, units, kept, run.graph, log)
+        share = removed_gamma_share(sparse, units, kept)  # before removal, which works in place
+        log.write(f"removal deletes {100 * share['total']:.2f}% of the units' Σ|γ| ("
+                  + ", ".join(f"{k} {100 * v:.2f}%" for k, v in share["parts"].items()) + ")")
+        compensation: dict = {}
+        pruned = remove(meth, sparse, units, kept, run.graph, log, input_size=size, record=compensation)
         spec = widths_spec(units, kept, pr["prune_coupled"])
         with strict_fp32(self.device):
             m = evaluate_segmentation(pruned, run.seg_eval, self.num_classes, self.ignore_index)
@@ -517,6 +538,7 @@ class Pipeline:
         per_part = {k: [d["kept"], d["channels"]] for k, d in kept_per_part(units, kept).items()}
         log.write("kept channels per part: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_part.items()))
         self._finish("prune", pruned, self._arch(spec), log, {"miou_before_finetune": m["miou"], "kept_per_part": per_part,
+                     "removed_gamma_share": share, "compensation": compensation,
                      **self._flops_record(pruned, flops0, flops_info, size, log)})
         run.pruned = self._place(pruned)
 
@@ -607,6 +629,16 @@ class Pipeline:
             out["keep_ratio_config"] = cfg["prune"]["keep_ratio"]  # ignored under a FLOPs target
         out["pruned"]["miou_before_finetune"] = prune_info.get("miou_before_finetune")
         out["kept_per_part"] = prune_info.get("kept_per_part")
+        # after sparsity training, before removal (sparsity stage; null in run folders made before it was recorded)
+        sp = (self._done("sparsity") or {}).get("sparse_eval") or {}
+        if sp.get("split") not in (None, out["eval_split"]):  # adopted from a run evaluated on another split
+            sp = {}
+        out["sparse"] = {"miou": sp.get("miou"), "pixel_acc": sp.get("pixel_acc")}
+        before = out["pruned"]["miou_before_finetune"]
+        out["prune_step_loss"] = (out["sparse"]["miou"] - before if None not in (out["sparse"]["miou"], before)
+                                  else None)
+        out["removed_gamma_share"] = prune_info.get("removed_gamma_share")
+        out["removal_compensation"] = prune_info.get("compensation")
         for key, stage in (("baseline", "pretrain_cls"), ("pruned", "finetune_cls")):  # backbone top-1 after its
             out[key]["cls_top1_after_cls_stage"] = (self._done(stage) or {}).get("top1")  # classification stage
         out["layer_widths"] = {"baseline": layer_widths(baseline), "pruned": layer_widths(pruned)}
@@ -635,6 +667,28 @@ def _diff_keys(a, b, path=""):
         yield path.rstrip(".")
 
 
+def _pct(v, sign: bool = False) -> str:
+    return "n/a" if v is None else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
+
+
+def _prune_step_lines(m: dict) -> list[str]:
+    """Report lines on the removal itself: mIoU after sparsity training, the prune-step loss, the
+    removed share of Σ|γ| and what the removal compensated (n/a where the run folder predates them)."""
+    sp, share, comp = m.get("sparse") or {}, m.get("removed_gamma_share"), m.get("removal_compensation")
+    lines = [f"mIoU after sparsity training, before removal: {_pct(sp.get('miou'))}% (pixel acc "
+             f"{_pct(sp.get('pixel_acc'))}%); prune-step loss (that minus the mIoU right after removal, both "
+             f"single-scale): {_pct(m.get('prune_step_loss'))} points", ""]
+    parts = ", ".join(f"{k} {_pct(v)}%" for k, v in (share or {}).get("parts", {}).items())
+    lines += [f"Share of the units' Σ|γ| that the removal deletes: {_pct((share or {}).get('total'))}%"
+              + (f" ({parts})" if parts else ""), ""]
+    if comp and comp.get("channels"):
+        lines += [f"Removal compensation ({comp['mode']}): {comp['channels']} removed channels had γ = 0; their constant "
+                  f"output was folded into consumers exactly {comp['exact']} times, interior-exactly (zero-padded k×k "
+                  f"convs) {comp['interior']} times, was 0 {comp['zero_constant']} times, skipped "
+                  f"{sum(comp['skipped'].values())} times" + (f" ({comp['skipped']})" if comp["skipped"] else ""), ""]
+    return lines
+
+
 def render_report(m: dict, cfg: dict) -> str:
     """Markdown report: baseline vs pruned table with ratios, per-class IoU and stage wall times."""
     b, p, r = m["baseline"], m["pruned"], m["ratios"]
@@ -660,6 +714,7 @@ def render_report(m: dict, cfg: dict) -> str:
                      f"{100 * d['pixel_acc']:.2f} | {d['params'] / 1e6:.3f}{ratio[0]} | {d['flops'] / 1e9:.3f}{ratio[1]} | "
                      f"{d['macs'] / 1e9:.3f}{ratio[2]} | {d['latency_ms']:.2f}{ratio[3]} | {100 * d['cls_top1']:.2f} |")
     lines += ["", f"mIoU of the pruned network before fine-tuning: {100 * (p.get('miou_before_finetune') or float('nan')):.2f}%", "",
+              *_prune_step_lines(m),
               "Kept channels per part: " + ", ".join(f"{k} {a}/{n}" for k, (a, n) in (m.get("kept_per_part") or {}).items()), "",
               "## Per-class IoU (%)", "", "| class | baseline | pruned |", "|---|---|---|"]
     for cls in b["per_class_iou"]:

@@ -116,7 +116,7 @@ def test_pickle_free_round_trip_reproduces_outputs(mtp_run, tmp_path):
         load_pruned(_unet(), folder)
 
 
-@pytest.mark.parametrize("method,mode", [("slimming", "uni"), ("uniform", "ind"), ("fpgm", "ind")])
+@pytest.mark.parametrize("method,mode", [("slimming", "uni"), ("uniform", "ind"), ("fpgm", "ind"), ("magnitude", "ind")])
 def test_single_task_methods_need_no_classification(method, mode):
     seg, _ = _loaders()
     cfg = {"epochs": 1, "lr_seg": 0.05, "alpha": 0.05} if method == "slimming" else {}
@@ -125,7 +125,10 @@ def test_single_task_methods_need_no_classification(method, mode):
     m, r = res.model, res.report
     assert r["finetune"]["cls"] == {"skipped": "no classification head (cls_head) or data (cls_loader)"}
     assert "enc.blocks.1.3" in r["units"] and r["params"]["after"] < r["params"]["before"]
-    if method != "slimming":  # per-layer methods: round(p * C) in every unit
+    share = r["removed_gamma_share"]  # issue 15: the share of Σ|γ| the removal deleted, per part and in total
+    assert 0.0 < share["total"] < 1.0 and set(share["parts"]) == {"backbone", "decoder"}
+    assert r["compensation"]["mode"] == "interior"
+    if method not in ("slimming", "magnitude"):  # per-layer methods: round(p * C) in every unit
         assert all(u["kept"] == round(0.5 * u["channels"]) for u in r["units"].values())
     else:                     # one global threshold: half of all channels overall (+ min_channels=1 per unit)
         kept, total = (sum(u[k] for u in r["units"].values()) for k in ("kept", "channels"))

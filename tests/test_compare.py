@@ -105,3 +105,36 @@ def test_cli_writes_tables_and_names_bad_folder(sweep_dir, tmp_path, capsys):
     assert len((out / "table.csv").read_text().splitlines()) == 5
     assert main(["compare", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_prune_step_columns_and_old_folders_give_empty_cells(sweep_dir):
+    """sparse mIoU, prune-step loss (points) and the removed Σ|γ| share: filled from metrics.json where
+    recorded, empty cells for run folders made before they existed (the fixture's other runs)."""
+    d = _run(sweep_dir, "magnitude_s0", "magnitude", 0.5, 0, 0.52, 1000, 500, 7.0)
+    m = json.loads((d / "metrics.json").read_text())
+    m["sparse"] = {"miou": 0.6, "pixel_acc": 0.9}
+    m["prune_step_loss"] = 0.6 - m["pruned"]["miou_before_finetune"]
+    m["removed_gamma_share"] = {"total": 0.25, "parts": {"backbone": 0.2, "decoder": 0.3}}
+    (d / "metrics.json").write_text(json.dumps(m))
+    runs = collect_runs([sweep_dir])
+    md = render_table(runs)
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    cells = lambda line: [c.strip() for c in line.replace("\\|", "¦").strip("|").split("|")]  # noqa: E731
+    cols = cells(header)
+    assert "prune-step loss (pts)" in cols and "removed Σ¦γ¦ (%)" in cols
+    row = dict(zip(cols, cells(next(line for line in md.splitlines() if line.startswith("| magnitude |")))))
+    assert row["mIoU after sparsity (%)"] == "60.00" and row["prune-step loss (pts)"] == "50.00"
+    assert row["removed Σ¦γ¦ (%)"] == "25.00"
+    old = dict(zip(cols, cells(next(line for line in md.splitlines() if line.startswith("| fpgm |")))))
+    assert old["prune-step loss (pts)"] == "" and old["removed Σ¦γ¦ (%)"] == "" and old["mIoU after sparsity (%)"] == ""
+    assert all(len(cells(line)) == len(cols) for line in md.splitlines() if line.startswith("| ") and "|---" not in line
+               and not line.startswith("| baseline") and not line.startswith("| deeplab"))
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(write_csv(runs)))}
+    assert float(rows["magnitude_s0"]["prune_step_loss"]) == pytest.approx(0.5)
+    assert float(rows["magnitude_s0"]["removed_gamma_share"]) == pytest.approx(0.25)
+    assert float(rows["magnitude_s0"]["sparse_miou"]) == pytest.approx(0.6)
+    assert rows["fpgm_s0"]["prune_step_loss"] == rows["fpgm_s0"]["removed_gamma_share"] == rows["fpgm_s0"]["sparse_miou"] == ""
+    # a run with the sparse mIoU but without the prune_step_loss key: computed from miou_before_finetune
+    del m["prune_step_loss"]
+    (d / "metrics.json").write_text(json.dumps(m))
+    assert collect_runs([d])[0].prune_step_loss == pytest.approx(0.5)

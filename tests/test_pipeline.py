@@ -53,6 +53,40 @@ def test_run_folder_contents_and_metrics(finished_run):
         assert sum(u["channels"] for u in units.values() if u["part"] == part) == kept[part][1]
 
 
+def test_prune_step_metrics_are_filled(finished_run, tmp_path):
+    """Issue 15: mIoU after sparsity training (recorded by the sparsity stage), the prune-step loss and the
+    removed share of Σ|γ| reach metrics.json and report.md; a run folder made before they existed gets nulls."""
+    _, out = finished_run
+    m = json.loads((out / "metrics.json").read_text())
+    sp = json.loads((out / "stages/03_sparsity/done.json").read_text())["sparse_eval"]
+    assert m["sparse"] == {"miou": sp["miou"], "pixel_acc": sp["pixel_acc"]}
+    assert 0.0 <= m["sparse"]["miou"] <= 1.0 and 0.0 < m["sparse"]["pixel_acc"] <= 1.0
+    assert m["prune_step_loss"] == pytest.approx(m["sparse"]["miou"] - m["pruned"]["miou_before_finetune"])
+    share = m["removed_gamma_share"]
+    assert 0.0 < share["total"] < 1.0 and set(share["parts"]) == {"backbone", "decoder"}
+    prune = json.loads((out / "stages/04_prune/done.json").read_text())
+    assert prune["removed_gamma_share"] == share and prune["compensation"]["mode"] == "interior"
+    assert m["removal_compensation"] == prune["compensation"]
+    report = (out / "report.md").read_text()
+    assert f"prune-step loss (that minus the mIoU right after removal, both single-scale): " \
+           f"{100 * m['prune_step_loss']:.2f} points" in report
+    assert f"Σ|γ| that the removal deletes: {100 * share['total']:.2f}%" in report
+    # an older run folder: no sparse_eval, no removed_gamma_share -> nulls, "n/a" in the report
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for st, key in (("03_sparsity", "sparse_eval"), ("04_prune", "removed_gamma_share"), ("04_prune", "compensation")):
+        f = old / "stages" / st / "done.json"
+        f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != key}))
+    shutil.rmtree(old / "stages/07_evaluate")
+    (old / "metrics.json").unlink()
+    assert main(["run", str(finished_run[0]), "--out", str(old), "--quiet"]) == 0
+    m_old = json.loads((old / "metrics.json").read_text())
+    assert m_old["sparse"] == {"miou": None, "pixel_acc": None} and m_old["prune_step_loss"] is None
+    assert m_old["removed_gamma_share"] is None and m_old["pruned"]["miou"] == m["pruned"]["miou"]
+    assert "prune-step loss (that minus the mIoU right after removal, both single-scale): n/a" in \
+        (old / "report.md").read_text()
+
+
 def test_evaluate_reproduces_recorded_miou(finished_run, capsys):
     _, out = finished_run
     assert main(["evaluate", str(out)]) == 0
@@ -157,7 +191,7 @@ def test_missing_data_folder_is_named_before_writing(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["uniform", "slimming", "thinet", "fpgm"])
+@pytest.mark.parametrize("method", ["uniform", "slimming", "thinet", "fpgm", "magnitude"])
 def test_baseline_methods_through_the_same_pipeline(tmp_path, method):
     cfg = json.loads(json.dumps(TINY))
     cfg["method"]["name"] = method
@@ -168,8 +202,12 @@ def test_baseline_methods_through_the_same_pipeline(tmp_path, method):
     assert m["method"] == method
     assert m["pruned"]["params"] < 0.8 * m["baseline"]["params"]
     units = json.loads((out / "stages/04_prune/arch.json").read_text())["widths"]["units"]
-    if method != "slimming":  # per-layer methods keep round(p * C) of every unit
+    if method not in ("slimming", "magnitude"):  # per-layer methods keep round(p * C) of every unit
         assert all(u["kept"] == max(1, round(0.5 * u["channels"])) for u in units.values())
+    if method == "magnitude":  # no sparsity training: the network before removal is the baseline
+        assert m["sparse"]["miou"] == m["baseline"]["miou"] and m["sparse"]["pixel_acc"] == m["baseline"]["pixel_acc"]
+        kept = m["kept_per_part"]  # Ind thresholds on the baseline's |γ|: half of each part
+        assert all(abs(kept[p][0] - kept[p][1] / 2) <= 0.5 for p in ("backbone", "decoder"))
 
 
 def test_resume_at_prune_stage_gives_same_widths_and_miou(finished_run, tmp_path):

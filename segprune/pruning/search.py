@@ -25,7 +25,7 @@ def pruned_flops(model: nn.Module, units: list, kept: dict[str, torch.Tensor], i
     itself is not changed.
     """
     clone = copy.deepcopy(model)
-    prune_channels(clone, units, kept, build_graph(clone, tuple(input_size)))
+    prune_channels(clone, units, kept, build_graph(clone, tuple(input_size)), compensate="off")  # FLOPs only
     return int(count_flops(clone, tuple(input_size), in_channels=int(getattr(model, "input_channels", 3)))["flops"])
 
 
