@@ -56,6 +56,7 @@ from .checkpoint import CheckpointError, load_into_model, load_json, load_state_
 from .config import DEFAULTS, merge, validate
 from .engine.log import StageLog
 from .engine.profile import count_flops, count_params
+from .engine.resume import check_loader
 from .engine.train import train_classification, train_segmentation
 from .methods.base import METHODS, PruningMethod, _load_all, build_method
 from .methods.mtp import run_mtp
@@ -326,7 +327,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             "decoder": "dec."}``; default: ``model.parts`` (zoo models). MTP needs ``"backbone"``.
         never_prune: module names whose output channels are kept (default: ``model.never_prune`` or none).
         seg_loader: segmentation training batches (x float (N, C, H, W), y long (N, H, W), void =
-            ``ignore_index``); needed by methods that train (MTP, Slimming, CAP, SIRFP, ACoSP) and by
+            ``ignore_index``), a DataLoader or a list of such tuples; needed by methods that train (MTP, Slimming, CAP, SIRFP, ACoSP) and by
             segmentation fine-tuning; also ThiNet/SIRFP's calibration data unless ``calib_loader``.
         num_classes: K; if given, the output channels are checked before and after pruning.
         cls_head: module name (or names) of the classification head, e.g. ``"enc_fc"``: parameters
@@ -369,7 +370,8 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             (``cls_head``) or data (``cls_loader``, ``seg_loader``); a training method without
             ``seg_loader``; bad ``method_cfg`` / ``finetune`` keys or values; a model output that is
             not (N, K, H, W) or has K != ``num_classes``; no prunable unit at all.
-        TypeError: ``cls_forward`` not callable as fn(model, x).
+        TypeError: ``cls_forward`` not callable as fn(model, x); ``seg_loader`` / ``cls_loader`` a one-shot
+            iterator (a generator) or without ``len`` (pass a DataLoader or a list of batches).
     """
     t_start = time.perf_counter()
     # ---- every check that can fail happens before anything is trained ---------------------------
@@ -393,6 +395,9 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         raise ValueError(f"min_channels={min_channels!r} must be an integer >= 1")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels={in_channels!r} must be a positive integer")
+    for what, loader in (("seg_loader", seg_loader), ("cls_loader", cls_loader)):
+        if loader is not None:  # a DataLoader or a list of batches; not a one-shot generator
+            check_loader(loader, what)
     size = _input_size(input_size, seg_loader)
     setup = _resolve_setup(model, parts, never_prune, cls_head, cls_forward, in_channels, size)
     if cls_forward is not None:
