@@ -43,6 +43,7 @@ import difflib
 import inspect
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -62,7 +63,7 @@ from .methods.base import METHODS, PruningMethod, _load_all, build_method
 from .methods.mtp import run_mtp
 from .pruning import (apply_widths, build_graph, check_keep_ratio, discover_units, layer_widths, prune_channels,
                       select_channels, unit_gammas, widths_spec)
-from .pruning.groups import has_cls_forward
+from .pruning.groups import has_cls_forward, parts_without_units
 
 __all__ = ["prune_model", "PruneResult", "save_pruned", "load_pruned", "USER_ARCH_FORMAT"]
 
@@ -83,7 +84,8 @@ class PruneResult:
             ``min_channels``, ``input_size`` [H, W], ``params``/``flops``/``macs``
             ({"before", "after", "ratio"}; FLOPs by ``torch.utils.flop_counter`` at ``input_size``,
             batch 1, one multiply-add = 2 FLOPs), ``units`` (root conv name -> {"part", "channels",
-            "kept"}), ``parts`` (part -> {"channels", "kept", "units"}), ``layer_widths``
+            "kept"}), ``parts`` (part -> {"channels", "kept", "units"}), ``parts_without_units`` (part ->
+            why it has no prunable unit, e.g. no BatchNorm in a LayerNorm encoder; also warned), ``layer_widths``
             ({"before", "after"}: conv name -> [in, out]), ``sparsity`` (what the method's training
             reported, e.g. MTP's μ and ||W1 − W3||), ``flops_target`` (the search, with a
             ``target_flops_ratio``), ``finetune`` (per stage: loss, accuracy, iterations, or why it
@@ -449,9 +451,14 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         widths0 = layer_widths(work)
         graph = build_graph(work, size)  # training changes weights, not structure: the graph is reused
         units = discover_units(work, graph, include_coupled)
+        empty_parts = parts_without_units(work, graph, units, include_coupled)  # e.g. a LayerNorm encoder
         if not units:
+            why = "".join(f"; {p}: {r}" for p, r in empty_parts.items())
             raise ValueError(f"{type(work).__name__} has no prunable unit: segprune prunes the output channels of "
-                             f"Conv2d layers followed by a BatchNorm, outside never_prune={list(setup['never_prune'])}")
+                             f"Conv2d layers followed by a BatchNorm, outside never_prune={list(setup['never_prune'])}"
+                             + why)
+        for part, why in empty_parts.items():
+            warnings.warn(f"part {part!r} of {type(work).__name__}: {why}", stacklevel=2)
         unit_part = {u.name: u.part for u in units}
         calib = calib_loader if calib_loader is not None else seg_loader
 
@@ -538,7 +545,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0},
         "macs": {"before": flops0 // 2, "after": flops1 // 2},
         "flops_note": "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2",
-        "units": spec["units"], "parts": per_part,
+        "units": spec["units"], "parts": per_part, "parts_without_units": empty_parts,
         "layer_widths": {"before": widths0, "after": layer_widths(work)},
         "sparsity": {k: v for k, v in sparsity.items() if isinstance(v, (int, float, str, bool))},
         "flops_target": flops_target, "finetune": ft_report,

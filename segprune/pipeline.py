@@ -47,6 +47,7 @@ from .methods.mtp import run_mtp
 from .models import build_model
 from .pruning import (apply_widths, build_graph, discover_units, layer_widths, prune_channels, round_kept, select_channels,
                       unit_gammas, widths_spec)
+from .pruning.groups import parts_without_units
 
 __all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed",
            "search_keep_ratio", "search_training_keep_ratio", "pruned_flops", "stage_dir"]
@@ -101,8 +102,11 @@ _PLAIN_EVAL = {"scales": [1.0], "flip": False, "mode": "whole", "crop_size": Non
 
 
 def _model_fingerprint(model: dict) -> dict:
-    """``model`` section without ``pretrained: null`` (runs made before that key existed keep their fingerprint)."""
-    return {k: v for k, v in model.items() if not (k == "pretrained" and v is None)}
+    """``model`` section without ``pretrained: null`` and the ecosystem keys at their defaults
+    (``encoder_name: null``, ``aux_loss: false``): runs made before those keys existed keep their fingerprint."""
+    from .models.ecosystem import ECOSYSTEM_DEFAULTS
+    defaults = {"pretrained": None, **ECOSYSTEM_DEFAULTS}
+    return {k: v for k, v in model.items() if not (k in defaults and v == defaults[k] and type(v) is type(defaults[k]))}
 
 
 def _eval_fingerprint(ev: dict) -> dict:
@@ -555,6 +559,8 @@ class Pipeline:
             graph = build_graph(base, size)  # training changes weights, not structure: reused below
             units = discover_units(base, graph, pr["prune_coupled"])
             log = self._log("sparsity")
+            for part, why in parts_without_units(base, graph, units, pr["prune_coupled"]).items():
+                log.write(f"part {part!r}: {why}")  # e.g. a LayerNorm encoder (smp Segformer)
             _seed(cfg["seed"] + 2)
             if method == "mtp":
                 seg_loader, cls_loader = self._loaders()

@@ -213,7 +213,7 @@ def test_thinet_reconstructs_the_projection_not_the_depthwise_conv():
 
 class Grouped(nn.Module):
     """conv a -> BN -> grouped conv g (groups=2, not depthwise) -> BN -> conv c -> BN -> conv ln ->
-    GroupNorm -> head."""
+    GroupNorm without affine weights (no γ, like a LayerNorm) -> head."""
 
     def __init__(self):
         super().__init__()
@@ -224,7 +224,7 @@ class Grouped(nn.Module):
         self.c = nn.Conv2d(8, 8, 1, bias=False)
         self.bnc = nn.BatchNorm2d(8)
         self.ln = nn.Conv2d(8, 8, 1)
-        self.gn = nn.GroupNorm(1, 8)
+        self.gn = nn.GroupNorm(1, 8, affine=False)
         self.head = nn.Conv2d(8, K, 1)
 
     def forward(self, x):
@@ -247,3 +247,100 @@ def test_grouped_convolutions_and_parts_without_batchnorm_are_explained():
     assert list(missing) == ["decoder"] and "1 no BatchNorm" in missing["decoder"], missing
     prune_channels(m, units, {"c": torch.tensor([0, 2, 5])}, graph)
     assert m(torch.zeros(1, 3, S, S)).shape == (1, K, S, S) and m.ln.in_channels == 3
+
+
+class GNNet(nn.Module):
+    """conv 3->16 + GroupNorm(4 groups) + ReLU -> conv 16->8 + BN + ReLU -> head (smp FPN's Conv3x3GNReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(4, 16)
+        self.b = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, K, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.b(F.relu(self.gn(self.a(x)))))))
+
+
+def test_groupnorm_units_lose_the_same_positions_in_every_group(tmp_path):
+    from segprune.api import load_pruned, save_pruned
+    from segprune.pruning import apply_widths
+    from segprune.pruning.physical import fit_channel_groups
+    # the repair alone: positions kept in most groups win, the count stays a multiple of G
+    assert fit_channel_groups(torch.tensor([0, 1, 4, 5, 9, 13, 14]), 16, 4).tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
+    assert fit_channel_groups(torch.tensor([2, 6, 10, 14]), 16, 4).tolist() == [2, 6, 10, 14]   # fits: unchanged
+    assert fit_channel_groups(torch.tensor([3]), 16, 4).tolist() == [3, 7, 11, 15]               # at least 1 position
+    torch.manual_seed(0)
+    m = GNNet()
+    m.parts, m.never_prune = {"backbone": ["a", "gn"], "decoder": ["b", "bn"]}, ("head",)
+    graph = build_graph(m, (S, S))
+    units = {u.name: u for u in discover_units(m, graph)}
+    assert units["a"].bns == ["gn"] and units["a"].extra["channel_groups"] == 4
+    assert "channel_groups" not in units["b"].extra
+    with torch.no_grad():
+        m.gn.weight.copy_(torch.arange(16, dtype=torch.float32) % 4 + 1)  # positions 2 and 3 score highest
+    assert torch.equal(unit_gammas(m, [units["a"]])["a"], m.gn.weight.detach().abs())
+    res = prune_model(m, "slimming", keep_ratio=0.5, seg_loader=[(torch.randn(2, 3, S, S), torch.randint(0, K, (2, S, S)))],
+                      input_size=(S, S), num_classes=K, method_cfg={"epochs": 1, "lr_seg": 1e-4})
+    p = res.model
+    assert p.a.out_channels == p.gn.num_channels == p.b.in_channels == 8 and p.gn.num_groups == 4
+    assert res.report["units"]["a"]["kept"] == 8
+    assert torch.allclose(p.gn.weight.detach().abs(), torch.tensor([3.0, 4.0] * 4), atol=1e-2)  # positions 2, 3 of each group
+    assert p(torch.randn(2, 3, S, S)).shape == (2, K, S, S)
+    # widths that are not a multiple of the groups are refitted; save / load gives the same network
+    q = GNNet()
+    q.parts, q.never_prune = m.parts, m.never_prune
+    kept = {"a": torch.tensor([0, 5, 6]), "b": torch.tensor([1, 2, 3])}
+    prune_channels(q, list(discover_units(q, build_graph(q, (S, S)))), kept)
+    assert kept["a"].numel() == 4 and q.gn.num_channels == 4 and q.b.out_channels == 3
+    folder = save_pruned(res, tmp_path / "gn")
+    fresh = GNNet()
+    load_pruned(fresh, folder)
+    x = torch.randn(1, 3, S, S)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), p.eval()(x))
+    assert apply_widths  # imported: apply_widths is what load_pruned runs
+
+
+class ConcatSeparable(nn.Module):
+    """Two producers (a: 8 channels, b: 4) concatenated, then a separable conv: depthwise over the 12
+    concatenated channels + pointwise 12 -> 8 + BN (smp DeepLabV3+'s decoder block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.pw = nn.Conv2d(12, 8, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, K, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(F.relu(self.bn(self.pw(self.dw(y)))))
+
+
+def test_a_depthwise_conv_over_a_concatenation_keeps_its_producers_apart():
+    torch.manual_seed(0)
+    m = ConcatSeparable().eval()
+    m.parts, m.never_prune = {"backbone": ["a.", "b."], "decoder": ["dw", "pw", "bn"]}, ("head",)
+    units = {u.name: u for u in _units(m)}
+    assert set(units) == {"a.0", "b.0", "pw"}
+    for name, c in (("a.0", 8), ("b.0", 4)):
+        u = units[name]
+        assert u.channels == c and u.convs == [name] and u.bns == [name[:-1] + "1"]   # not the 12-channel dw
+        assert u.extra == {"kind": "depthwise", "depthwise": ["dw"], "gates": []}
+    for method in ("fpgm", "uniform"):   # the filters read are the producer's (C rows), not the dw's 12
+        from segprune.methods.base import build_method
+        scores = build_method({"name": method}).scores(m, list(units.values()))
+        assert scores["a.0"].shape == (8,) and scores["b.0"].shape == (4,)
+    kept = {"a.0": torch.tensor([1, 4, 6]), "b.0": torch.tensor([0, 3]), "pw": torch.tensor([0, 1, 2, 5])}
+    z = _zeroed(m, list(units.values()), kept)
+    p = copy.deepcopy(z)
+    prune_channels(p, list(units.values()), kept, build_graph(p, (S, S)))
+    assert p.dw.in_channels == p.dw.out_channels == p.dw.groups == p.pw.in_channels == 5
+    x = torch.randn(2, 3, S, S)
+    with torch.no_grad():
+        assert torch.allclose(p(x), z(x), atol=1e-5)

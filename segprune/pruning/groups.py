@@ -25,14 +25,24 @@ grad_fn and two inputs). A group without any depthwise convolution keeps the rul
 built with (more than one producing convolution = coupled; this also covers gated fusions such
 as BiSeNet's attention modules), so the zoo's units do not change.
 
+Normalisation layers: a unit's scaling factors γ are the affine weights of its BatchNorms and of
+its GroupNorms (smp's FPN decoder, ``Conv3x3GNReLU``). A GroupNorm with G groups normalises each
+group of C/G consecutive channels together, so its channels are pruned *by position*: position j
+of every group goes or stays together and every group keeps the same number of channels (what
+Torch-Pruning does for GroupNorm); ``extra["channel_groups"]`` = G (the least common multiple if
+several GroupNorms share the unit), applied by ``segprune.pruning.physical.prune_channels``. Unlike
+BatchNorm, removing a GroupNorm channel changes the statistics of the others in its group: the
+pruned network is not the zeroed one (fine-tuning recovers).
+
 Groups whose channels reach a grouped convolution that is not depthwise (1 < groups, not
 ``groups == in_channels == out_channels``: ResNeXt, channel-multiplier depthwise) are skipped:
-removing arbitrary channels there would break the group structure. Groups with no BatchNorm
-(no scaling factor γ; e.g. LayerNorm networks such as SegFormer/MiT) are skipped too;
-:func:`skipped_groups` and :func:`parts_without_units` say which and why.
+removing arbitrary channels there would break the group structure. Groups with no BatchNorm or
+affine GroupNorm (no scaling factor γ; e.g. LayerNorm networks such as SegFormer/MiT) are skipped
+too; :func:`skipped_groups` and :func:`parts_without_units` say which and why.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,12 +63,14 @@ class PruneUnit:
         convs: convolutions whose output channels belong to the unit, root first (1 for a plain
             unit; a depthwise chain adds its depthwise and gate convolutions; a coupled unit all the
             convolutions joined by the additions).
-        bns: BatchNorm layers normalising those channels; their γ are the scaling factors
-            (a depthwise chain has two: after the expansion and after the depthwise convolution).
+        bns: normalisation layers of those channels (BatchNorm, or GroupNorm with affine weights);
+            their γ are the scaling factors (a depthwise chain has two BatchNorms: after the
+            expansion and after the depthwise convolution).
         channels: number of channels C of the unit.
         coupled: True for residual-coupled groups.
         extra: ``{"kind": "plain" | "depthwise" | "coupled", "depthwise": [conv names],
-            "gates": [conv names]}`` (the last two only for depthwise chains).
+            "gates": [conv names]}`` (the last two only for depthwise chains), plus
+            ``"channel_groups": G`` when a GroupNorm normalises the channels (module docstring).
     """
 
     name: str
@@ -146,18 +158,37 @@ def _joined_by_add(group) -> bool:
 
 
 def _classify(model: nn.Module, graph: tp.DependencyGraph, group, names: dict, never: set, order: dict):
-    """(PruneUnit or None, reason): what :func:`discover_units` makes of one DepGraph group."""
-    convs, bns, grouped = [], [], []
-    for dep, _ in group:
+    """(PruneUnit or None, reason): what :func:`discover_units` makes of one DepGraph group.
+
+    A layer is *aligned* with the group's root when channel c of the root is its channel c and it
+    has exactly the root's C channels; a depthwise convolution reading a concatenation (smp
+    DeepLabV3+'s separable convolutions) holds only a slice of its channels in the group and is
+    not aligned: it is listed in ``extra["depthwise"]`` but not in ``convs``, whose filters the
+    methods read (C rows each).
+    """
+    root_mod = group[0].dep.target.module
+    c_root = root_mod.out_channels
+    convs, aligned, bns, grouped, gn_groups = [], set(), [], [], []
+    for item in group.items:
+        dep = item.dep
         mod = dep.target.module
         if isinstance(mod, nn.Conv2d) and mod.groups > 1 and not is_depthwise(mod):
             grouped.append(names[mod])
         if not graph.is_out_channel_pruning_fn(dep.handler):
             continue
+        width = mod.out_channels if isinstance(mod, nn.Conv2d) else getattr(mod, "num_features", None)
+        if isinstance(mod, nn.GroupNorm):
+            width = mod.num_channels
+        if width == c_root and sorted(zip(item.root_idxs, item.idxs)) == [(i, i) for i in range(c_root)]:
+            aligned.add(mod)
         if isinstance(mod, nn.Conv2d):
             convs.append(names[mod])
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             bns.append(names[mod])
+        elif isinstance(mod, nn.GroupNorm):
+            gn_groups.append(mod.num_groups)
+            if mod.affine:
+                bns.append(names[mod])
     if not convs:
         return None, "no convolution produces the channels"
     first = convs[0]
@@ -166,8 +197,11 @@ def _classify(model: nn.Module, graph: tp.DependencyGraph, group, names: dict, n
     if grouped:
         return None, f"reaches a grouped (non-depthwise) convolution ({', '.join(dict.fromkeys(grouped))})"
     if not bns:
-        return None, "no BatchNorm (no scaling factor γ; e.g. LayerNorm/GroupNorm or no normalisation)"
+        return None, "no BatchNorm (no scaling factor γ; e.g. LayerNorm or no normalisation)"
     mods = dict(model.named_modules())
+    ch_groups = math.lcm(*gn_groups) if gn_groups else 1
+    if mods[first].out_channels % ch_groups:
+        return None, f"{mods[first].out_channels} channels do not split into the GroupNorm's {ch_groups} groups"
     dw = [c for c in convs if is_depthwise(mods[c])]
     producers = [c for c in convs if c not in dw]
     extra: dict = {}
@@ -176,18 +210,54 @@ def _classify(model: nn.Module, graph: tp.DependencyGraph, group, names: dict, n
         root = first
         extra["kind"] = "coupled" if coupled else "plain"
     else:
-        if not producers:
+        producers.sort(key=lambda c: order[c])
+        root = next((c for c in producers if mods[c] in aligned), None)
+        if root is None:
             return None, f"depthwise convolution(s) {', '.join(dw)} read channels no convolution produces"
         coupled = len(producers) > 1 and _joined_by_add(group)
-        producers.sort(key=lambda c: order[c])
-        root = producers[0]
         if coupled:
             extra["kind"] = "coupled"
         else:
-            extra.update(kind="depthwise", depthwise=sorted(dw, key=lambda c: order[c]), gates=producers[1:])
-        convs = [root] + [c for c in convs if c != root]
+            extra.update(kind="depthwise", depthwise=sorted(dw, key=lambda c: order[c]),
+                         gates=[c for c in producers if c != root])
+        convs = [root] + [c for c in convs if c != root and mods[c] in aligned]
+        bns = [b for b in bns if mods[b] in aligned]
+        if not bns:
+            return None, "no BatchNorm on these channels alone (only on a concatenation holding them)"
+    if ch_groups > 1:
+        extra["channel_groups"] = ch_groups
     unit = PruneUnit(root, "", convs, bns, mods[root].out_channels, coupled, extra)
-    return unit, ("residual-coupled (prune.prune_coupled / include_coupled)" if coupled else "")
+    if not coupled:
+        return unit, ""
+    if _joined_by_add(group):
+        return unit, "residual-coupled (outputs joined by an addition; prune.prune_coupled / include_coupled)"
+    return unit, ("coupled (several convolutions produce these channels, joined without an addition, e.g. an "
+                  "attention gate; prune.prune_coupled / include_coupled)")
+
+
+def _all_groups(graph: tp.DependencyGraph, ignored: list):
+    """Torch-Pruning's ``get_all_groups(root_module_types=[nn.Conv2d])``, except that a depthwise
+    convolution is never a root: its channels are those of the convolution(s) feeding it, so a
+    depthwise convolution reading a concatenation of two producers would otherwise merge their
+    two separate groups into one."""
+    ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
+    ignored_ids = {id(m) for m in ignored}
+    visited: set[int] = set()
+    for m in list(graph.module2node.keys()):
+        if id(m) in ignored_ids or not isinstance(m, nn.Conv2d) or is_depthwise(m) or id(m) in visited:
+            continue
+        pruner = graph.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        prunable = True
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                visited.add(id(dep.target.module))
+                if id(dep.target.module) in ignored_ids:
+                    prunable = False
+        if prunable:
+            yield group
 
 
 def _groups(model: nn.Module, graph: tp.DependencyGraph):
@@ -195,7 +265,7 @@ def _groups(model: nn.Module, graph: tp.DependencyGraph):
     never = set(getattr(model, "never_prune", ()))
     ignored = [m for n, m in model.named_modules() if n in never]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+    for group in _all_groups(graph, ignored):
         root = names[group[0].dep.target.module]
         unit, reason = _classify(model, graph, group, names, never, order)
         yield root, unit, reason
@@ -275,7 +345,9 @@ def parts_without_units(model: nn.Module, graph: tp.DependencyGraph, units: list
 
 
 def unit_gammas(model: nn.Module, units: list[PruneUnit], source: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
-    """Scaling-factor score per unit: mean over the unit's BatchNorms of |γ|, shape (C,).
+    """Scaling-factor score per unit: mean over the unit's normalisation layers of |γ|, shape (C,)
+    (Torch-Pruning's ``group_reduction="mean"``; a depthwise chain averages the BatchNorm after the
+    expansion and the one after the depthwise convolution).
 
     ``source`` optionally maps a BN name to the module to read γ from instead of ``model``
     (MTP reads backbone γ from the classification copy W1, Algorithm 1 line 9).
