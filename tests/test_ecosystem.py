@@ -163,6 +163,11 @@ def test_classification_head_for_mtp_and_dict_outputs(tmp_path):
     assert p.backbone.fc[0].in_features == p.backbone.body["16"][0].out_channels < 960   # the head follows
     assert p.forward_cls(torch.zeros(2, 3, S, S)).shape == (2, K_CLS)
     assert res.report["sparsity"]["steps"] == 1
+    x = torch.randn(1, 3, S, S)
+    p.eval()
+    with torch.no_grad():   # the pruned copy's library model is the pruned torchvision module
+        assert torch.equal(p.library_model()(x)["out"], p(x))
+    assert p.library_model().classifier is p.classifier and p.library_model() is not net
     # torchvision's dict output with the FCN auxiliary head
     torch.manual_seed(0)
     dl = adapt(deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=K, aux_loss=True))["model"]
