@@ -249,6 +249,8 @@ def test_config_and_registry_accept_ecosystem_names():
     assert any("no segmentation builder 'deeplabv3_resnet18'" in p for p in validate(bad, raise_error=False))
     with pytest.raises(ValueError, match=r"model.encoder_name='resnet9000': smp.Unet cannot be built"):
         build_model({"name": "smp.Unet", "encoder_name": "resnet9000"}, K, K_CLS)
+    with pytest.raises(ValueError, match=r"model.output_stride=8: not used by torchvision.fcn_resnet50"):
+        build_model({"name": "torchvision.fcn_resnet50", "output_stride": 8}, K, K_CLS)
     with pytest.raises(ValueError, match=r"model.aux_loss=True: torchvision.lraspp_mobilenet_v3_large has no auxiliary"):
         build_model({"name": "torchvision.lraspp_mobilenet_v3_large", "aux_loss": True}, K, K_CLS)
     m = build_model({"name": "torchvision.lraspp_mobilenet_v3_large"}, K, K_CLS)   # the CLI's path: with the head

@@ -69,3 +69,13 @@ def test_loader_cursor_accepts_lists_and_refuses_what_it_cannot_count():
     assert cur.epoch_state.numel() == 0          # nothing to restore: a list's order is fixed
     with pytest.raises(TypeError, match=r"data \(_NoLen\) has no len\(\)"):
         check_loader(_NoLen(seg), "data")
+
+
+def test_the_check_does_not_consume_a_dataloaders_generator():
+    """Creating a DataLoader iterator draws a seed from loader.generator; the check must not do it."""
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(3)
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=2, shuffle=True, generator=g)
+    before = g.get_state().clone()
+    check_loader(loader, "seg_loader")
+    assert torch.equal(g.get_state(), before)

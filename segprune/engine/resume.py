@@ -18,6 +18,7 @@ batch order, so a checkpoint written at one world size resumes at another.
 """
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 from pathlib import Path
@@ -113,11 +114,13 @@ def check_loader(loader, what: str = "loader") -> None:
     length: a ``DataLoader``, or a list/tuple of batches.
 
     Raises:
-        TypeError: a one-shot iterator (``iter(loader) is loader``, e.g. a generator), or no ``len``.
+        TypeError: a one-shot iterator (a ``collections.abc.Iterator``, e.g. a generator), or no ``len``.
+    The check does not iterate ``loader`` (that would consume a DataLoader's seeded generator).
     """
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         raise TypeError(f"{what} must be a DataLoader or a list of batches (x, y); got {type(loader).__name__}")
-    if iter(loader) is loader:
+    # never iter(loader) here: a DataLoader's iterator draws its base seed from loader.generator
+    if isinstance(loader, collections.abc.Iterator):
         raise TypeError(f"{what} is a one-shot iterator ({type(loader).__name__}): training runs several epochs over "
                         f"it; pass a DataLoader or a list of batches, e.g. list(batches)")
     try:

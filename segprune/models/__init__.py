@@ -136,8 +136,7 @@ def build_model(cfg: dict, num_classes: int, cls_classes: int, load_pretrained_w
     name = cfg.pop("name")
     from .ecosystem import ECOSYSTEM_DEFAULTS, build_ecosystem_model, config_problems, is_ecosystem_name
     if is_ecosystem_name(name):
-        return build_ecosystem_model(name, num_classes, {k: cfg[k] for k in (*ECOSYSTEM_DEFAULTS, "pretrained")},
-                                     cls_classes, load_pretrained_weights)
+        return build_ecosystem_model(name, num_classes, cfg, cls_classes, load_pretrained_weights)
     bad = config_problems({"name": name, **cfg})
     if bad:
         raise ValueError("; ".join(bad))
