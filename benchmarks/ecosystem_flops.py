@@ -43,9 +43,10 @@ def measure(spec: str, method: str, size: int, iters: int, coupled: bool = False
                       input_size=(size, size), num_classes=5, include_coupled=coupled, **kw)
     r = res.report
     units = r["units"]
-    return {"model": spec, "method": method, "include_coupled": coupled, "input_size": size, "flops_ratio": round(r["flops"]["ratio"], 4),
-            "params_ratio": round(r["params"]["ratio"], 4), "gflops_before": round(r["flops"]["before"] / 1e9, 3),
-            "units": len(units), "channels": sum(u["channels"] for u in units.values()), "output_shape": r["output_shape"],
+    return {"model": spec, "method": method, "include_coupled": coupled, "input_size": size,
+            "flops_ratio": round(r["flops"]["ratio"], 4), "params_ratio": round(r["params"]["ratio"], 4),
+            "gflops_before": round(r["flops"]["before"] / 1e9, 3), "units": len(units),
+            "channels": sum(u["channels"] for u in units.values()), "output_shape": r["output_shape"],
             "parts_without_units": r.get("parts_without_units", {}), "wall_s": round(time.perf_counter() - t, 1)}
 
 
