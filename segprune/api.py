@@ -43,6 +43,7 @@ import difflib
 import inspect
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -58,10 +59,11 @@ from .engine.amp import AMP_MODES, amp_mode
 from .engine.device import model_device
 from .engine.log import StageLog
 from .engine.profile import count_flops, count_params
+from .engine.resume import check_loader
 from .algorithm import Budget, choose_widths, finetune_classification, finetune_segmentation, kept_per_part, remove, sparsify
 from .methods.base import PruningMethod, build_method, method_names
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, removed_gamma_share, widths_spec
-from .pruning.groups import has_cls_forward
+from .pruning.groups import has_cls_forward, parts_without_units
 
 __all__ = ["prune_model", "PruneResult", "save_pruned", "load_pruned", "USER_ARCH_FORMAT"]
 
@@ -82,7 +84,8 @@ class PruneResult:
             ``min_channels``, ``input_size`` [H, W], ``params``/``flops``/``macs``
             ({"before", "after", "ratio"}; FLOPs by ``torch.utils.flop_counter`` at ``input_size``,
             batch 1, one multiply-add = 2 FLOPs), ``units`` (root conv name -> {"part", "channels",
-            "kept"}), ``parts`` (part -> {"channels", "kept", "units"}), ``removed_gamma_share``
+            "kept"}), ``parts`` (part -> {"channels", "kept", "units"}), ``parts_without_units`` (part ->
+            why it has no prunable unit, e.g. no BatchNorm in a LayerNorm encoder; also warned), ``removed_gamma_share``
             ({"total", "parts"}: share of the units' Σ|γ| the removal deleted), ``compensation`` (what
             ``segprune.pruning.fold_removed_constants`` folded for removed channels with γ = 0), ``layer_widths``
             ({"before", "after"}: conv name -> [in, out]), ``sparsity`` (what the method's training
@@ -328,7 +331,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             "decoder": "dec."}``; default: ``model.parts`` (zoo models). MTP needs ``"backbone"``.
         never_prune: module names whose output channels are kept (default: ``model.never_prune`` or none).
         seg_loader: segmentation training batches (x float (N, C, H, W), y long (N, H, W), void =
-            ``ignore_index``); needed by methods that train (MTP, Slimming, CAP, SIRFP, ACoSP) and by
+            ``ignore_index``), a DataLoader or a list of such tuples; needed by methods that train (MTP, Slimming, CAP, SIRFP, ACoSP) and by
             segmentation fine-tuning; also ThiNet/SIRFP's calibration data unless ``calib_loader``.
         num_classes: K; if given, the output channels are checked before and after pruning.
         cls_head: module name (or names) of the classification head, e.g. ``"enc_fc"``: parameters
@@ -377,7 +380,8 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
             (``cls_head``) or data (``cls_loader``, ``seg_loader``); a training method without
             ``seg_loader``; bad ``method_cfg`` / ``finetune`` keys or values; a model output that is
             not (N, K, H, W) or has K != ``num_classes``; no prunable unit at all.
-        TypeError: ``cls_forward`` not callable as fn(model, x).
+        TypeError: ``cls_forward`` not callable as fn(model, x); ``seg_loader`` / ``cls_loader`` a one-shot
+            iterator (a generator) or without ``len`` (pass a DataLoader or a list of batches).
     """
     t_start = time.perf_counter()
     # ---- every check that can fail happens before anything is trained ---------------------------
@@ -402,9 +406,14 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         widths0 = layer_widths(work)
         graph = build_graph(work, size)  # training changes weights, not structure: the graph is reused
         units = discover_units(work, graph, include_coupled)
+        empty_parts = parts_without_units(work, graph, units, include_coupled)  # e.g. a LayerNorm encoder
         if not units:
+            why = "".join(f"; {p}: {r}" for p, r in empty_parts.items())
             raise ValueError(f"{type(work).__name__} has no prunable unit: segprune prunes the output channels of "
-                             f"Conv2d layers followed by a BatchNorm, outside never_prune={list(setup['never_prune'])}")
+                             f"Conv2d layers followed by a BatchNorm, outside never_prune={list(setup['never_prune'])}"
+                             + why)
+        for part, why in empty_parts.items():
+            warnings.warn(f"part {part!r} of {type(work).__name__}: {why}", stacklevel=2)
         # ---- Algorithm 1 (segprune.algorithm, shared with the CLI) --------------------------------
         lg = log("sparsity")
         sparsity = sparsify(meth, work, units, seg_loader, cls_loader, ignore_index, lg, budget, size, seed=seed,
@@ -437,7 +446,7 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0},
         "macs": {"before": flops0 // 2, "after": flops1 // 2},
         "flops_note": "FLOPs count one multiply-add as 2 FLOPs (torch.utils.flop_counter); MACs = FLOPs / 2",
-        "units": spec["units"], "parts": kept_per_part(units, kept),
+        "units": spec["units"], "parts": kept_per_part(units, kept), "parts_without_units": empty_parts,
         "removed_gamma_share": gamma_share, "compensation": compensation,
         "layer_widths": {"before": widths0, "after": layer_widths(work)},
         "sparsity": {k: v for k, v in sparsity.items() if isinstance(v, (int, float, str, bool))},
@@ -469,6 +478,9 @@ def _checked_arguments(model, method, keep_ratio, target_flops_ratio, flops_tole
                     threshold_mode=threshold_mode, min_channels=min_channels, round_to=round_to)
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels={in_channels!r} must be a positive integer")
+    for what, loader in (("seg_loader", seg_loader), ("cls_loader", cls_loader)):
+        if loader is not None:  # a DataLoader or a list of batches; not a one-shot generator
+            check_loader(loader, what)
     size = _input_size(input_size, seg_loader)
     setup = _resolve_setup(model, parts, never_prune, cls_head, cls_forward, in_channels, size)
     if cls_forward is not None:

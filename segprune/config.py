@@ -60,7 +60,9 @@ DEFAULTS: dict[str, Any] = {
     # in-stage checkpoint every N training iterations (kill-anywhere resume); 0 = stage by stage only
     "checkpoint_every": 50,
     "model": {"name": "deeplabv3_resnet18", "width": 1.0, "output_stride": 16, "multi_grid": None,
-              "aspp_channels": 256, "aspp_rates": None, "pretrained": None},
+              "aspp_channels": 256, "aspp_rates": None, "pretrained": None,
+              # torchvision.* / smp.* models (segprune/models/ecosystem.py): smp encoder, torchvision aux head
+              "encoder_name": None, "aux_loss": False},
     "data": {"seg": _SEG_DATA, "cls": _CLS_DATA},
     "train": {
         # seed of the baseline stages (pre-training, segmentation training); null = the top-level seed.
@@ -304,8 +306,9 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
             need(_num(d[key], int) and d[key] >= (2 if key == "batch_size" else 1), f"data.{sec}.{key}",
                  "must be an integer >= 2 for training (BatchNorm), >= 1 for evaluation")
         need(_num(d["num_workers"], int) and d["num_workers"] >= 0, f"data.{sec}.num_workers", "must be >= 0")
-    from .models import list_models  # the model registry (segprune/models/)
-    need(m["name"] in list_models(), "model.name", "must be a registered model: " + ", ".join(list_models()))
+    from .models import model_name_problems  # the model registry (segprune/models/)
+    from .models.ecosystem import config_problems
+    bad += model_name_problems(m["name"]) + config_problems(m)
     ints = lambda v, n=None: isinstance(v, list) and len(v) > 0 and (n is None or len(v) == n) and all(  # noqa: E731
         _num(x, int) and x > 0 for x in v)
     need(m["multi_grid"] is None or ints(m["multi_grid"], 3), "model.multi_grid",

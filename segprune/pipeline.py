@@ -54,6 +54,7 @@ from .algorithm import Budget, choose_widths, finetune_classification, finetune_
 from .methods.base import PruningMethod, build_method, method_class, method_config
 from .models import build_model
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, removed_gamma_share, widths_spec
+from .pruning.groups import parts_without_units
 
 __all__ = ["Pipeline", "STAGES", "load_run_model", "ARCH_FORMAT", "stage_fingerprints", "baseline_seed", "stage_dir",
            "model_input_size"]
@@ -108,8 +109,11 @@ _PLAIN_EVAL = {"scales": [1.0], "flip": False, "mode": "whole", "crop_size": Non
 
 
 def _model_fingerprint(model: dict) -> dict:
-    """``model`` section without ``pretrained: null`` (runs made before that key existed keep their fingerprint)."""
-    return {k: v for k, v in model.items() if not (k == "pretrained" and v is None)}
+    """``model`` section without ``pretrained: null`` and the ecosystem keys at their defaults
+    (``encoder_name: null``, ``aux_loss: false``): runs made before those keys existed keep their fingerprint."""
+    from .models.ecosystem import ECOSYSTEM_DEFAULTS
+    defaults = {"pretrained": None, **ECOSYSTEM_DEFAULTS}
+    return {k: v for k, v in model.items() if not (k in defaults and v == defaults[k] and type(v) is type(defaults[k]))}
 
 
 def _eval_fingerprint(ev: dict) -> dict:
@@ -467,6 +471,8 @@ class Pipeline:
         run.graph = build_graph(sparse, size)  # training changes weights, not structure: reused by the prune stage
         run.units = discover_units(sparse, run.graph, cfg["prune"]["prune_coupled"])
         log = self._log("sparsity")
+        for part, why in parts_without_units(sparse, run.graph, run.units, cfg["prune"]["prune_coupled"]).items():
+            log.write(f"part {part!r}: {why}")  # e.g. a LayerNorm encoder (smp Segformer)
         seg_loader, cls_loader = self._loaders()
         meth = run.method
         info = sparsify(meth, sparse, run.units, seg_loader, cls_loader, self.ignore_index, log,

@@ -19,6 +19,7 @@ batch order, so a checkpoint written at one world size resumes at another.
 """
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 from pathlib import Path
@@ -30,8 +31,8 @@ from torch.utils.data import DataLoader
 from ..checkpoint import CheckpointError, load_metadata, load_state_dict, save_state_dict
 from . import distributed as ddp
 
-__all__ = ["StageCheckpoint", "LoaderCursor", "ResumableCycle", "optimizer_tensors", "load_optimizer_tensors",
-           "module_tensors", "load_module_tensors", "fault_point", "rng_state", "restore_rng"]
+__all__ = ["StageCheckpoint", "LoaderCursor", "ResumableCycle", "check_loader", "optimizer_tensors",
+           "load_optimizer_tensors", "module_tensors", "load_module_tensors", "fault_point", "rng_state", "restore_rng"]
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -99,11 +100,20 @@ class LoaderCursor:
     epoch's draws from the generator, so the next epoch gets the order it would have had (skipping
     the call instead repeats the previous epoch's order).
     Without a resume it yields exactly what ``for x in loader`` yields.
+
+    ``loader`` may also be any re-iterable sequence of batches with a length, e.g. a plain list
+    of ``(x, y)`` tuples (``segprune.api``): it has no generator (nothing to restore: its order is
+    fixed) and no ``dataset``.
+
+    Raises:
+        TypeError: ``loader`` is a one-shot iterator (e.g. a generator: a second epoch would be
+            empty) or has no length (the iterations per epoch are counted from it).
     """
 
     def __init__(self, loader: DataLoader):
+        check_loader(loader)
         self.loader = loader
-        gen = loader.generator  # None: a user's loader without one; its order is then not restorable
+        gen = getattr(loader, "generator", None)  # None: a list, or a user's loader without one
         # a CPU byte tensor like every generator state, whatever torch's default device is
         self.epoch_state: torch.Tensor = gen.get_state() if gen is not None else torch.empty(0, dtype=torch.uint8,
                                                                                               device="cpu")
@@ -114,9 +124,10 @@ class LoaderCursor:
         self._restore = state.clone()
 
     def batches(self, epoch: int, skip: int = 0):
-        if hasattr(self.loader.dataset, "set_epoch"):
-            self.loader.dataset.set_epoch(epoch)
-        gen = self.loader.generator
+        ds = getattr(self.loader, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+        gen = getattr(self.loader, "generator", None)
         if self._restore is not None and gen is not None and self._restore.numel():
             gen.set_state(self._restore)
         self._restore = None
@@ -125,6 +136,26 @@ class LoaderCursor:
         for i, batch in enumerate(self.loader):
             if i >= skip:
                 yield batch
+
+
+def check_loader(loader, what: str = "loader") -> None:
+    """Raise a TypeError naming ``what`` unless ``loader`` can be iterated once per epoch and has a
+    length: a ``DataLoader``, or a list/tuple of batches.
+
+    Raises:
+        TypeError: a one-shot iterator (a ``collections.abc.Iterator``, e.g. a generator), or no ``len``.
+    The check does not iterate ``loader`` (that would consume a DataLoader's seeded generator).
+    """
+    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"{what} must be a DataLoader or a list of batches (x, y); got {type(loader).__name__}")
+    # never iter(loader) here: a DataLoader's iterator draws its base seed from loader.generator
+    if isinstance(loader, collections.abc.Iterator):
+        raise TypeError(f"{what} is a one-shot iterator ({type(loader).__name__}): training runs several epochs over "
+                        f"it; pass a DataLoader or a list of batches, e.g. list(batches)")
+    try:
+        len(loader)
+    except TypeError:
+        raise TypeError(f"{what} ({type(loader).__name__}) has no len(): pass a DataLoader or a list of batches") from None
 
 
 class ResumableCycle:

@@ -32,7 +32,10 @@ Implementation notes:
   :meth:`ThiNet.select` runs it only for the (1 − p)·C channels to remove.
 * Least-squares rescaling of the remaining filters (Eqs. 6-7) is NOT implemented; the pipeline's
   fine-tuning recovers accuracy instead.
-* Only ungrouped convolutions with numeric padding (zeros) are supported as consumers.
+* Only ungrouped convolutions with numeric padding (zeros) are supported as consumers. A depthwise
+  convolution inside a unit (inverted-residual chain: its output channels *are* the unit's
+  channels) is not a consumer: ThiNet reconstructs the layers after it that mix the channels
+  (the projection convolution, a squeeze-excitation's first convolution).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from ..pruning.groups import PruneUnit, build_graph
+from ..pruning.groups import PruneUnit, build_graph, is_depthwise
 from ..pruning.thresholds import check_keep_ratio
 from .base import PruningMethod, register_method
 
@@ -62,7 +65,7 @@ def consumer_slices(model: nn.Module, units: list[PruneUnit], graph: tp.Dependen
         found: dict[str, torch.Tensor] = {}
         for item in group.items:
             mod = item.dep.target.module
-            if not (isinstance(mod, nn.Conv2d) and graph.is_in_channel_pruning_fn(item.dep.handler)):
+            if not (isinstance(mod, nn.Conv2d) and graph.is_in_channel_pruning_fn(item.dep.handler)) or is_depthwise(mod):
                 continue
             in_idx = torch.empty(u.channels, dtype=torch.long, device="cpu")
             in_idx[torch.as_tensor(list(item.root_idxs), dtype=torch.long, device="cpu")] = torch.as_tensor(

@@ -1,5 +1,9 @@
 """Model registry: ``build_model(cfg)`` turns the ``model:`` section of a config into a network.
 
+Besides the zoo, ``torchvision.<builder>`` (any ``torchvision.models.segmentation`` builder) and
+``smp.<Arch>`` with ``encoder_name`` (segmentation_models_pytorch) are built by
+:mod:`segprune.models.ecosystem` (optional packages, imported only for those names).
+
 Register a new architecture with :func:`register_model`; every segmentation model must expose
 ``forward(x) -> (N, K, H, W)`` logits, ``forward_cls(x) -> (N, K_cls)``, ``parts`` (module-name
 prefixes of ``backbone`` and ``decoder``) and ``never_prune`` (layer names never pruned). Models
@@ -18,7 +22,7 @@ from .pretrained import load_pretrained
 from .pspnet import PSPNet, build_pspnet
 from .resnet import ResNet
 
-__all__ = ["register_model", "build_model", "list_models", "MODEL_DEFAULTS", "load_pretrained"]
+__all__ = ["register_model", "build_model", "list_models", "model_name_problems", "MODEL_DEFAULTS", "load_pretrained"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -32,6 +36,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "aspp_rates": None,
     # path of a torchvision-format ResNet or DeepLabv3 state dict (.pth/.pt or .safetensors), or null
     "pretrained": None,
+    # ecosystem models only (segprune.models.ecosystem): smp encoder, torchvision auxiliary head
+    "encoder_name": None,
+    "aux_loss": False,
 }
 
 
@@ -47,7 +54,20 @@ def register_model(name: str):
 
 
 def list_models() -> list[str]:
+    """The zoo's registered names (``torchvision.*`` / ``smp.*`` names are dynamic, not listed)."""
     return sorted(_REGISTRY)
+
+
+def model_name_problems(name) -> list[str]:
+    """Why ``model.name`` cannot be built (empty list: it can): not registered, or an ecosystem name
+    whose optional package is missing (named) or whose builder / architecture does not exist."""
+    from .ecosystem import is_ecosystem_name, name_problems
+    if is_ecosystem_name(name):
+        return name_problems(name)
+    if name in _REGISTRY:
+        return []
+    return [f"model.name={name!r}: must be a registered model ({', '.join(list_models())}), "
+            f"torchvision.<segmentation builder> or smp.<Arch> (with model.encoder_name)"]
 
 
 def _deeplab(depth: int):
@@ -107,14 +127,25 @@ def build_model(cfg: dict, num_classes: int, cls_classes: int, load_pretrained_w
     Raises:
         KeyError: unknown model name (the message lists the registered names).
         ValueError: a key the model does not use set to a non-default value; a ``pretrained`` file
-            that does not fit (see :func:`segprune.models.pretrained.load_pretrained`).
+            that does not fit (see :func:`segprune.models.pretrained.load_pretrained`,
+            :func:`segprune.models.ecosystem.load_ecosystem_pretrained`).
+        ImportError: a ``torchvision.*`` / ``smp.*`` name without its optional package (named).
         FileNotFoundError: ``pretrained`` names a missing file.
     """
     cfg = {**MODEL_DEFAULTS, **cfg}
     name = cfg.pop("name")
+    from .ecosystem import ECOSYSTEM_DEFAULTS, build_ecosystem_model, config_problems, is_ecosystem_name
+    if is_ecosystem_name(name):
+        return build_ecosystem_model(name, num_classes, cfg, cls_classes, load_pretrained_weights)
+    bad = config_problems({"name": name, **cfg})
+    if bad:
+        raise ValueError("; ".join(bad))
+    for k in ECOSYSTEM_DEFAULTS:
+        cfg.pop(k)
     pretrained = cfg.pop("pretrained")
     if name not in _REGISTRY:
-        raise KeyError(f"model.name={name!r} is not registered; known: {', '.join(list_models())}")
+        raise KeyError(f"model.name={name!r} is not registered; known: {', '.join(list_models())}, "
+                       f"torchvision.<segmentation builder>, smp.<Arch>")
     model = _REGISTRY[name](num_classes=num_classes, cls_classes=cls_classes, **cfg)
     if pretrained and load_pretrained_weights:
         report = load_pretrained(model, pretrained)

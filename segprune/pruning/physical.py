@@ -17,8 +17,8 @@ from torch_pruning import _helpers
 
 from .groups import PruneUnit, _forward_both, build_graph, discover_units
 
-__all__ = ["prune_channels", "widths_spec", "apply_widths", "layer_widths", "fold_removed_constants",
-           "zero_gamma_removed", "removed_gamma_share", "COMPENSATE_MODES"]
+__all__ = ["prune_channels", "fit_channel_groups", "widths_spec", "apply_widths", "layer_widths",
+           "fold_removed_constants", "zero_gamma_removed", "removed_gamma_share", "COMPENSATE_MODES"]
 
 #: ``compensate`` values of :func:`prune_channels` / :func:`fold_removed_constants`
 COMPENSATE_MODES = ("off", "exact", "interior")
@@ -266,10 +266,37 @@ def removed_gamma_share(model: nn.Module, units: list[PruneUnit], kept: dict[str
             "parts": {k: (rem[k] / tot[k] if tot[k] > 0 else 0.0) for k in tot}}
 
 
+def fit_channel_groups(keep: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
+    """Make a kept set prunable under a GroupNorm with ``groups`` groups (C/G channels each).
+
+    Position j of the groups (channels j, C/G + j, 2C/G + j, ...) is kept in every group or in none.
+    The positions kept are the k = max(1, round(|keep| / G)) that ``keep`` holds in the most
+    groups (ties: lower position), so the count stays as close to ``|keep|`` as a multiple of G
+    allows. A kept set that already fits is returned unchanged.
+
+    Args:
+        keep: (k,) LongTensor of kept channel indices in 0..C-1.
+    Returns:
+        sorted LongTensor (G * k,) of channel indices.
+    """
+    per = channels // groups
+    votes = torch.zeros(per, dtype=torch.long)
+    votes.index_add_(0, keep.long() % per, torch.ones(keep.numel(), dtype=torch.long))
+    k = max(1, int(round(keep.numel() / groups)))
+    pos = torch.sort(torch.argsort(-votes, stable=True)[:k]).values
+    out = (torch.arange(groups).unsqueeze(1) * per + pos.unsqueeze(0)).flatten()
+    out = torch.sort(out).values
+    return keep if torch.equal(out, torch.sort(keep.long()).values) else out
+
+
 def prune_channels(model: nn.Module, units: list[PruneUnit], kept: dict[str, torch.Tensor],
                    graph: tp.DependencyGraph | None = None, input_size: tuple[int, int] = (64, 64),
                    compensate: str = "interior", record: dict | None = None) -> nn.Module:
     """Remove, in place, every channel of each unit that is not listed in ``kept[unit.name]``.
+
+    A unit normalised by a GroupNorm (``unit.extra["channel_groups"]`` = G) loses whole positions of
+    its groups (:func:`fit_channel_groups`); its entry of ``kept`` is replaced, in place, by the
+    indices actually kept, so a :func:`widths_spec` written afterwards records the real widths.
 
     Args:
         model: the network; traced at ``input_size`` when ``graph`` is None.
@@ -298,6 +325,11 @@ def prune_channels(model: nn.Module, units: list[PruneUnit], kept: dict[str, tor
             raise ValueError(f"unit {u.name} would keep no channel; refusing to empty a layer")
         if max(keep_set) >= u.channels or min(keep_set) < 0:
             raise ValueError(f"unit {u.name}: kept index out of range 0..{u.channels - 1}")
+        groups = int(u.extra.get("channel_groups", 1))
+        if groups > 1:
+            fitted = fit_channel_groups(torch.as_tensor(sorted(keep_set)), u.channels, groups)
+            kept[u.name] = fitted
+            keep_set = set(int(i) for i in fitted.tolist())
         drops[u.name] = [i for i in range(mods[u.name].out_channels) if i not in keep_set]
     rec = fold_removed_constants(model, units, kept, graph, compensate, input_size)
     if record is not None:

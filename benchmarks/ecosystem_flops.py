@@ -1,0 +1,77 @@
+"""FLOPs ratio (pruned / unpruned) of torchvision and segmentation_models_pytorch models pruned at keep ratio 0.5
+with segprune.api.prune_model (issue 17's table), randomly initialised (no download), CPU:
+
+    python benchmarks/ecosystem_flops.py [--size 256] [--methods fpgm slimming] [--coupled] [--json out.json] [MODEL ...]
+
+MODEL is ``torchvision.<builder>`` or ``smp.<Arch>:<encoder>``; default: the six models of issue 17.
+FPGM needs no data; Slimming first trains ``--slimming-iters`` steps (ℓ1 on γ, ``alpha`` 1e-3) on random
+images/labels, which on an untrained network only breaks ties between the γ (all 1 at initialisation), so its
+ratios show which channels *can* go, not which a trained network would keep. Needs torchvision / smp / timm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segprune.api import prune_model  # noqa: E402
+from segprune.models.ecosystem import build_ecosystem_model  # noqa: E402
+
+DEFAULT = ["torchvision.deeplabv3_resnet50", "torchvision.deeplabv3_mobilenet_v3_large",
+           "torchvision.lraspp_mobilenet_v3_large", "smp.Unet:resnet34", "smp.DeepLabV3Plus:resnet50",
+           "smp.FPN:efficientnet-b0"]
+
+
+def measure(spec: str, method: str, size: int, iters: int, coupled: bool = False, seed: int = 0) -> dict:
+    name, _, enc = spec.partition(":")
+    torch.manual_seed(seed)
+    model = build_ecosystem_model(name, 5, {"encoder_name": enc or None})
+    kw = {}
+    if method == "slimming":
+        g = torch.Generator().manual_seed(seed)
+        kw["seg_loader"] = [(torch.randn(2, 3, size, size, generator=g), torch.randint(0, 5, (2, size, size), generator=g))
+                            for _ in range(iters)]
+        kw["method_cfg"] = {"epochs": 1, "lr_seg": 0.01, "alpha": 1e-3}
+    t = time.perf_counter()
+    res = prune_model(model, method, keep_ratio=0.5, parts=model.parts, never_prune=list(model.never_prune),
+                      input_size=(size, size), num_classes=5, include_coupled=coupled, **kw)
+    r = res.report
+    units = r["units"]
+    return {"model": spec, "method": method, "include_coupled": coupled, "input_size": size,
+            "flops_ratio": round(r["flops"]["ratio"], 4), "params_ratio": round(r["params"]["ratio"], 4),
+            "gflops_before": round(r["flops"]["before"] / 1e9, 3), "units": len(units),
+            "channels": sum(u["channels"] for u in units.values()), "output_shape": r["output_shape"],
+            "parts_without_units": r.get("parts_without_units", {}), "wall_s": round(time.perf_counter() - t, 1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*", default=DEFAULT)
+    ap.add_argument("--size", type=int, default=256, help="square input side (pixels) for tracing and FLOPs")
+    ap.add_argument("--methods", nargs="+", default=["fpgm", "slimming"])
+    ap.add_argument("--slimming-iters", type=int, default=2)
+    ap.add_argument("--coupled", action="store_true", help="also prune residual-coupled groups (include_coupled)")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    out = []
+    print(f"input {a.size}x{a.size}, keep ratio 0.5, include_coupled={a.coupled}")
+    print("| model | method | FLOPs ratio | params ratio | GFLOPs before | units (channels) |")
+    print("|---|---|---|---|---|---|")
+    for spec in a.models:
+        for method in a.methods:
+            row = measure(spec, method, a.size, a.slimming_iters, a.coupled)
+            out.append(row)
+            print(f"| {spec} | {method} | {row['flops_ratio']:.3f}x | {row['params_ratio']:.3f}x | "
+                  f"{row['gflops_before']:.2f} | {row['units']} ({row['channels']}) |", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
