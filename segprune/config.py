@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
         # a momentum-free γ group) | subgradient; l1_schedule growing (ours: the channels the budget removes are
         # driven to γ = 0 before removal) | constant (the papers' α); l1_eps: γ count as zero below
         # l1_eps x their mean |γ| before training; l1_ramp: fraction of the training over which the penalty grows
-        "l1_mode": "proximal", "l1_schedule": "growing", "l1_eps": 1e-3, "l1_ramp": 0.5,
+        "l1_mode": "proximal", "l1_schedule": "growing", "l1_eps": 1e-3, "l1_ramp": 0.25,
         # baselines (segprune/methods/): slimming's ℓ1 strength, uniform from scratch, ThiNet calibration
         "alpha": 1e-3, "from_scratch": False, "calib_batches": 2, "samples_per_batch": 64,
         # options of other methods (CAP, SIRFP, ACoSP, ...): {key: value}, checked by the method class

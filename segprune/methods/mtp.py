@@ -241,7 +241,7 @@ class MTP:
                             if growing else []))
         #: the ℓ1 term and its schedule (``methods.sparsity``), on γ1 / γ2 (and γ3 when growing)
         self.l1 = L1Sparsity([g1, g23], mode, schedule, T, budget=budget, units=units, scores=self.current_scores,
-                             select=select, eps=float(cfg.get("l1_eps", 1e-3)), ramp=float(cfg.get("l1_ramp", 0.5)),
+                             select=select, eps=float(cfg.get("l1_eps", 1e-3)), ramp=float(cfg.get("l1_ramp", 0.25)),
                              flops=(model, tuple(input_size or (64, 64))), log=log)
         seg_params = [p for n, p in model.named_parameters() if not _under(n, [rel + h for h in heads])]
         shared = set(self.shared)
