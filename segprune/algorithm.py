@@ -119,6 +119,13 @@ def fix_training_widths(method: PruningMethod, model: nn.Module, units: list[Pru
                                       flops_unpruned=flops_unpruned)
 
 
+def _takes_budget(method: PruningMethod) -> bool:
+    """True if ``method.train`` accepts a ``budget`` keyword (explicitly or through ``**kwargs``)."""
+    import inspect
+    params = inspect.signature(method.train).parameters
+    return "budget" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def sparsify(method: PruningMethod, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader,
              ignore_index: int, log, budget: Budget, input_size: tuple[int, int], ckpt=None, seed: int | None = None,
              flops_unpruned: int | None = None) -> dict:
@@ -132,7 +139,11 @@ def sparsify(method: PruningMethod, model: nn.Module, units: list[PruneUnit], se
             ``needs_classification`` (MTP).
         ignore_index: void label of the segmentation targets.
         log: a ``segprune.engine.log.StageLog``.
-        budget: the pruning budget (a method with fixed widths trains for it, :func:`fix_training_widths`).
+        budget: the pruning budget. A method with fixed widths trains for it
+            (:func:`fix_training_widths`); a method whose ``train`` takes a ``budget`` keyword gets
+            it (the γ methods' growing ℓ1 schedule drives the channels this budget removes to zero;
+            under a FLOPs target they estimate the keep ratio by the same FLOPs search on their
+            current scores during training, ``segprune.methods.sparsity``).
         input_size: (H, W) at which FLOPs are counted.
         ckpt: in-stage checkpoint (``segprune.engine.resume.StageCheckpoint``) or None.
         seed: if given, ``torch.manual_seed(seed + 2)`` first.
@@ -143,7 +154,8 @@ def sparsify(method: PruningMethod, model: nn.Module, units: list[PruneUnit], se
     """
     _seed(seed, "sparsity")
     search = fix_training_widths(method, model, units, budget, input_size, log.write, flops_unpruned)
-    info = dict(method.train(model, units, seg_loader, cls_loader, ignore_index, log, ckpt=ckpt) or {})
+    kwargs = {"budget": budget} if _takes_budget(method) else {}
+    info = dict(method.train(model, units, seg_loader, cls_loader, ignore_index, log, ckpt=ckpt, **kwargs) or {})
     if search is not None:
         info["flops_search"] = search
     return info

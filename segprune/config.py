@@ -75,8 +75,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "method": {
         "name": "mtp", "epochs": 10, "lr_seg": 0.005, "lr_cls": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-        "lam": 1.0, "alpha1": 1e-3, "alpha2": 1e-3, "mu0": 0.01, "rho": 1.05, "mu_max": 10.0, "update_every": 20,
-        "l1_mode": "proximal", "keep_copy": "w3", "max_iters_per_epoch": None,
+        # rho: "auto" = mu reaches mu_max at the last multiplier update (MTP Eq. 10; [ours]), or a number > 1
+        "lam": 1.0, "alpha1": 1e-3, "alpha2": 1e-3, "mu0": 0.01, "rho": "auto", "mu_max": 10.0, "update_every": 20,
+        "keep_copy": "w3", "max_iters_per_epoch": None,
+        # the ℓ1 term of the γ methods (mtp, slimming, cap; segprune/methods/sparsity.py): l1_mode proximal (ISTA on
+        # a momentum-free γ group) | subgradient; l1_schedule growing (ours: the channels the budget removes are
+        # driven to γ = 0 before removal) | constant (the papers' α); l1_eps: γ count as zero below
+        # l1_eps x their mean |γ| before training; l1_ramp: fraction of the training over which the penalty grows
+        "l1_mode": "proximal", "l1_schedule": "growing", "l1_eps": 1e-3, "l1_ramp": 0.25,
         # baselines (segprune/methods/): slimming's ℓ1 strength, uniform from scratch, ThiNet calibration
         "alpha": 1e-3, "from_scratch": False, "calib_batches": 2, "samples_per_batch": 64,
         # options of other methods (CAP, SIRFP, ACoSP, ...): {key: value}, checked by the method class
@@ -364,7 +370,8 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(_num(me["lr_seg"]) and me["lr_seg"] > 0, "method.lr_seg", "must be > 0")
     need(_num(me["weight_decay"]) and me["weight_decay"] >= 0, "method.weight_decay", "must be >= 0")
     need(_num(me["momentum"]) and 0 <= me["momentum"] < 1, "method.momentum", "must be in [0, 1)")
-    need(me["l1_mode"] in ("proximal", "subgradient"), "method.l1_mode", "must be 'proximal' or 'subgradient'")
+    from .methods.sparsity import sparsity_config_problems  # shared by mtp, slimming, cap
+    bad += sparsity_config_problems(me)
     pr = cfg["prune"]
     need(_num(pr["keep_ratio"]) and 0 < pr["keep_ratio"] < 1, "prune.keep_ratio", "must lie in (0, 1), e.g. 0.5")
     need(pr["threshold_mode"] in ("ind", "uni"), "prune.threshold_mode", "must be 'ind' or 'uni'")
@@ -432,7 +439,8 @@ data:
 train:
   pretrain_cls: {epochs: 6, lr: 0.05}
   seg: {epochs: 30, lr: 0.02}
-method: {epochs: 8, lr_seg: 0.01, lr_cls: 0.02, alpha1: 0.1, alpha2: 0.1, mu0: 0.1, rho: 1.1, mu_max: 20.0, update_every: 5}
+method: {epochs: 8, lr_seg: 0.01, lr_cls: 0.02, alpha1: 0.1, alpha2: 0.1, mu0: 0.1, rho: auto, mu_max: 20.0, update_every: 5,
+         l1_schedule: growing}
 prune: {keep_ratio: 0.5, threshold_mode: ind, min_channels: 2}
 finetune:
   cls: {epochs: 1, lr: 0.01}

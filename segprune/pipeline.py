@@ -51,7 +51,7 @@ from .engine.profile import count_flops, profile_model
 from .engine.resume import StageCheckpoint
 from .engine.train import make_loader, train_classification, train_segmentation
 from .algorithm import Budget, choose_widths, finetune_classification, finetune_segmentation, kept_per_part, remove, sparsify
-from .methods.base import PruningMethod, build_method, method_class, method_config
+from .methods.base import PruningMethod, build_method, method_class, method_config, training_budget
 from .models import build_model
 from .pruning import apply_widths, build_graph, discover_units, layer_widths, removed_gamma_share, widths_spec
 from .pruning.groups import parts_without_units
@@ -147,6 +147,9 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
     }
     if cfg["train"].get("amp", "off") != "off":  # mixed precision changes every training stage from the first on
         parts["pretrain_cls"]["amp"] = cfg["train"]["amp"]
+    budget = training_budget(cfg)  # γ methods with the growing ℓ1 schedule train for the budget
+    if budget is not None:
+        parts["sparsity"]["budget"] = budget
     if getattr(method_class(cfg["method"]["name"]), "widths_fixed_in_training", False):
         if cfg["prune"].get("target_flops_ratio") is not None:
             # ACoSP trains for the widths the FLOPs target gives: the target enters its sparsity stage

@@ -81,8 +81,8 @@ def test_mtp_prunes_the_unet_physically(mtp_run):
     units = r["units"]
     assert set(units) == {"enc.blocks.0.0", "enc.blocks.0.3", "enc.blocks.1.0", "enc.blocks.2.0", "enc.blocks.2.3",
                           "dec.block2.0", "dec.block2.3", "dec.block1.0", "dec.block1.3"}
-    for name, u in units.items():
-        assert m.get_submodule(name).out_channels == u["kept"] < u["channels"]
+    for name, u in units.items():  # (the growing ℓ1 schedule may leave a whole unit to the other units' cuts)
+        assert m.get_submodule(name).out_channels == u["kept"] <= u["channels"]
         assert u["part"] == ("backbone" if name.startswith("enc.") else "decoder")
         assert r["layer_widths"]["after"][name][1] == u["kept"] and r["layer_widths"]["before"][name][1] == u["channels"]
     for part, d in r["parts"].items():  # Ind thresholds: half of each part, min_channels=1 may add one per unit

@@ -163,19 +163,30 @@ def test_fingerprints():
     fps = [stage_fingerprints(c) for c in (cfg, t1, t2, t3)]
     for a in range(4):
         for b in range(a + 1, 4):
-            assert fps[a]["sparsity"] == fps[b]["sparsity"] and fps[a]["prune"] != fps[b]["prune"]
+            # MTP's growing ℓ1 schedule trains for the budget: the target enters the sparsity stage too
+            assert fps[a]["sparsity"] != fps[b]["sparsity"] and fps[a]["prune"] != fps[b]["prune"]
             assert fps[a]["evaluate"] != fps[b]["evaluate"]
+    for c in (cfg, t1, t2, t3):  # the papers' constant α does not depend on the budget: one sparsity stage
+        c["method"]["l1_schedule"] = "constant"
+    fps = [stage_fingerprints(c) for c in (cfg, t1, t2, t3)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert fps[a]["sparsity"] == fps[b]["sparsity"] and fps[a]["prune"] != fps[b]["prune"]
 
 
 def test_fingerprints_acosp_target_enters_its_sparsity_stage():
-    """ACoSP trains for the widths the target gives, so the target changes its sparsity stage; not so for others."""
+    """ACoSP trains for the widths the target gives, so the target changes its sparsity stage; so do the
+    γ methods with the growing ℓ1 schedule (they train for the budget); not so for the others."""
     fp = {}
-    for meth in ("acosp", "slimming"):
+    for meth in ("acosp", "slimming", "slimming_constant", "fpgm"):
         for t in (None, 0.5, 0.6):
-            cfg = load_config(None, [f"method.name={meth}"] + ([f"prune.target_flops_ratio={t}"] if t else []))
+            sets = [f"method.name={meth.split('_')[0]}"] + (["method.l1_schedule=constant"] if "constant" in meth else [])
+            cfg = load_config(None, sets + ([f"prune.target_flops_ratio={t}"] if t else []))
             fp[meth, t] = stage_fingerprints(cfg)["sparsity"]
     assert len({fp["acosp", t] for t in (None, 0.5, 0.6)}) == 3
-    assert len({fp["slimming", t] for t in (None, 0.5, 0.6)}) == 1
+    assert len({fp["slimming", t] for t in (None, 0.5, 0.6)}) == 3
+    assert len({fp["slimming_constant", t] for t in (None, 0.5, 0.6)}) == 1
+    assert len({fp["fpgm", t] for t in (None, 0.5, 0.6)}) == 1
 
 
 @pytest.mark.parametrize("target", [0.5, 0.7])

@@ -223,13 +223,16 @@ def seg_denominator(y: torch.Tensor, ignore_index: int) -> float | None:
 
 def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_index: int, log: StageLog,
                        step_hook: Callable[[int], None] | None = None, post_step: Callable[[float], None] | None = None,
-                       ckpt: StageCheckpoint | None = None, extra: LoopState | None = None) -> dict:
+                       ckpt: StageCheckpoint | None = None, extra: LoopState | None = None,
+                       opt: torch.optim.Optimizer | None = None) -> dict:
     """Train ``model`` (images (N,3,H,W) -> logits (N,K,H,W)) with cross-entropy, ignore index excluded.
 
     ``cfg`` keys: epochs, lr, momentum, weight_decay, power, max_iters_per_epoch. ``post_step(lr)``
     runs after each optimiser step (e.g. a proximal ℓ1 step). ``ckpt``: periodic in-stage
     checkpoint, restored if present (``engine.resume``); ``extra``: the method's state saved with
-    it (:class:`LoopState`). Returns {"loss": last epoch mean, "iters"}.
+    it (:class:`LoopState`). ``opt``: an optimizer over ``model``'s parameters built by the caller
+    (e.g. with the penalised γ in their own parameter group, ``methods.sparsity``); default SGD from
+    ``cfg``. Every group's ``lr`` follows the schedule. Returns {"loss": last epoch mean, "iters"}.
 
     Raises:
         NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
@@ -258,7 +261,7 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
     st = train_loop(model, model.parameters(), loader, cfg, log,
                     lambda it, total: poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9)), step,
                     lambda m, e, lr: f"epoch {e + 1}: seg loss {m.get('loss', float('nan')):.4f} lr {lr:.5f}", ckpt,
-                    extra=extra)
+                    opt=opt, extra=extra)
     return {"loss": st.get("loss", float("nan")), "iters": st["iters"]}
 
 

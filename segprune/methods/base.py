@@ -32,7 +32,7 @@ from ..pruning.groups import PruneUnit, unit_gammas
 from ..pruning.thresholds import check_keep_ratio, select_channels
 
 __all__ = ["PruningMethod", "per_layer_select", "METHODS", "register_method", "build_method", "method_class",
-           "method_config", "method_names", "MethodConfig", "UndeclaredKeyError", "check_method_config"]
+           "method_config", "method_names", "MethodConfig", "UndeclaredKeyError", "check_method_config", "training_budget"]
 
 
 class UndeclaredKeyError(KeyError):
@@ -177,6 +177,13 @@ class PruningMethod:
         run by ``segprune.config.validate`` only when ``method.name`` is this method. Default: none."""
         return []
 
+    @classmethod
+    def trains_for_budget(cls, cfg: Mapping) -> bool:
+        """True when :meth:`train` depends on the pruning budget it is given (the γ methods with
+        ``l1_schedule: growing``), so that their sparsity stage must be fingerprinted with the
+        budget (:func:`training_budget`). ``cfg``: the ``method:`` section. Default: False."""
+        return False
+
     @property
     def training_keep_ratio(self) -> float | None:
         """The keep ratio :meth:`train` was configured with (methods with
@@ -185,7 +192,7 @@ class PruningMethod:
         return None
 
     def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
-              ckpt=None) -> dict:
+              ckpt=None, budget=None) -> dict:
         """Optional sparsity training of ``model`` in place before scoring (default: nothing, ``{}``).
 
         Args:
@@ -198,6 +205,14 @@ class PruningMethod:
             log: a ``segprune.engine.log.StageLog``.
             ckpt: ``segprune.engine.resume.StageCheckpoint`` or None: save every ``ckpt.every``
                 iterations and resume from it if present (``engine.train.train_loop`` does both).
+            budget: the pruning budget (``segprune.algorithm.Budget``: keep_ratio or
+                target_flops_ratio, threshold_mode, min_channels, round_to) that the channels will
+                be removed for, or None (not known: e.g. a method called on its own). The γ methods
+                use it for the growing ℓ1 schedule (``segprune.methods.sparsity``): the channels that
+                :meth:`select_from_scores` would remove at this budget are driven to zero during
+                training; with None they fall back to the papers' constant α. ``algorithm.sparsify``
+                passes it only to a ``train`` that declares this keyword (methods written before it
+                existed keep working).
 
         Returns:
             JSON-able statistics recorded in the sparsity stage's done.json (losses, iterations, ...).
@@ -353,6 +368,24 @@ def build_method(cfg: Mapping, input_size: tuple[int, int] | None = None) -> Pru
     if name not in METHODS:
         raise ValueError(f"method.name={name!r} is not a known pruning method; known: {', '.join(method_names())}")
     return METHODS[name](cfg, input_size=input_size)
+
+
+def training_budget(cfg: Mapping) -> dict | None:
+    """The ``prune:`` keys that the sparsity training of ``cfg["method"]`` depends on, or None.
+
+    For a method whose :meth:`PruningMethod.trains_for_budget` is true (the γ methods with the growing
+    ℓ1 schedule drive the channels that this budget removes to zero): ``threshold_mode``,
+    ``min_channels``, ``round_to`` and either ``keep_ratio`` or, under a FLOPs target,
+    ``target_flops_ratio`` and ``flops_tolerance``. These belong in the sparsity stage's
+    fingerprint: two runs with different budgets must not share that stage.
+    """
+    cls = method_class(cfg["method"]["name"])
+    if cls is None or not cls.trains_for_budget(cfg["method"]):
+        return None
+    pr = cfg["prune"]
+    keys = ("threshold_mode", "min_channels", "round_to") + (
+        ("target_flops_ratio", "flops_tolerance") if pr.get("target_flops_ratio") is not None else ("keep_ratio",))
+    return {k: pr.get(k) for k in keys}
 
 
 def method_config(cfg: Mapping) -> dict:

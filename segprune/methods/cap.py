@@ -21,8 +21,10 @@ or how the vector scales the ℓ1 term; our choices (all documented in docs/meth
 * averaging: ``R ← ema · R + (1 − ema) · r_t`` over iterations, ``R`` = r_1 at the first one;
 * guidance: ``g = min(1 / R, guide_max)``: a channel of average importance (R_c = 1) keeps
   Network Slimming's strength α, a more important one less, a less important one more (at most
-  ``guide_max`` · α); channel c gets ℓ1 strength ``α · g_c``: sub-gradient ``α g_c sign(γ_c)`` or
-  proximal threshold ``lr · α · g_c``.
+  ``guide_max`` · α); channel c gets ℓ1 strength ``w_c · g_c``, w_c the shared schedule's weight
+  (``methods.sparsity``: α for ``l1_schedule: constant``; α plus the growing term on the channels
+  planned for removal for ``growing``): sub-gradient ``w_c g_c sign(γ_c)`` or proximal threshold
+  ``lr · w_c · g_c`` on a momentum-free γ group.
 
 Placement: a guiding module sits on every BatchNorm of every prunable unit (``guide: all``), or
 only on the decoder units (``guide: decoder``: the five ASPP branches, the ASPP projection and
@@ -36,10 +38,11 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..engine import distributed as ddp
-from ..engine.train import LoopState, train_segmentation
+from ..engine.train import LoopState
 from ..pruning.groups import PruneUnit
 from .base import register_method
 from .slimming import Slimming
+from .sparsity import SPARSITY_CONFIG_KEYS
 
 __all__ = ["CAP", "ContextGuide", "channel_affinity", "context_importance", "guidance_from_importance"]
 
@@ -156,8 +159,8 @@ class ContextGuide(LoopState):
 class CAP(Slimming):
     """Context-Aware Pruning: context-guided ℓ1 sparsity on BN γ, then global/Ind |γ| thresholds.
 
-    Config keys (``method:``): alpha (α, default 1e-3), l1_mode (``proximal``/``subgradient``),
-    epochs, lr_seg, momentum, weight_decay, max_iters_per_epoch. Options (``method.options``):
+    Config keys (``method:``): alpha (α), l1_mode (``proximal``/``subgradient``), l1_schedule,
+    l1_eps, l1_ramp (``methods.sparsity``), epochs, lr_seg, momentum, weight_decay, max_iters_per_epoch. Options (``method.options``):
     ``guide`` (``"all"`` | ``"decoder"``), ``ema`` (EMA factor of the importance, [0, 1)),
     ``guide_max`` (clip of the per-channel multiplier, >= 1).
 
@@ -168,7 +171,8 @@ class CAP(Slimming):
     name = "cap"
     per_layer = False
     OPTIONS = {"guide": "all", "ema": 0.9, "guide_max": 4.0}
-    config_keys = ("alpha", "l1_mode", "epochs", "lr_seg", "momentum", "weight_decay", "max_iters_per_epoch")
+    config_keys = ("alpha", *SPARSITY_CONFIG_KEYS, "epochs", "lr_seg", "momentum", "weight_decay",
+                   "max_iters_per_epoch")
 
     def __init__(self, cfg, input_size: tuple[int, int] | None = None):
         super().__init__(cfg, input_size)
@@ -194,81 +198,36 @@ class CAP(Slimming):
         sel = units if self.options["guide"] == "all" else [u for u in units if u.part == "decoder"]
         return list(dict.fromkeys(b for u in sel for b in u.bns))
 
-    def gamma_guidance(self, model: nn.Module, units: list[PruneUnit],
-                       guide: ContextGuide) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(γ parameter, g or None) for every BN of ``units``; None = unguided (g = 1)."""
-        mods = dict(model.named_modules())
-        out, seen = [], set()
-        for u in units:
-            for b in u.bns:
-                if b not in seen:
-                    seen.add(b)
-                    out.append((mods[b].weight, guide.guidance(b)))
-        return out
-
     def attach(self, model: nn.Module, units: list[PruneUnit]) -> ContextGuide:
         """Put the guiding modules on ``model`` (forward hooks); call ``.remove()`` when done."""
         return ContextGuide(model, self.guided_bns(units), float(self.options["ema"]), float(self.options["guide_max"]))
 
-    def guided_hooks(self, model: nn.Module, units: list[PruneUnit], guide: ContextGuide):
-        """(step_hook, post_step) for ``train_segmentation``: EMA update + guided ℓ1 term.
-
-        ``step_hook(it)`` runs after the backward pass: it updates the importance averages and, in
-        ``subgradient`` mode, adds ``α g_c sign(γ_c)`` to ``γ.grad``. ``post_step(lr)`` (``proximal``
-        mode) soft-thresholds γ_c by ``lr · α · g_c`` after the SGD step.
-        """
-        alpha = self.alpha
-
-        def step_hook(it: int) -> None:
-            guide.step()
-            if self.l1_mode != "subgradient" or alpha <= 0:
-                return
-            for gamma, g in self.gamma_guidance(model, units, guide):
-                if gamma.grad is None:
-                    gamma.grad = torch.zeros_like(gamma)
-                scale = alpha if g is None else alpha * g.to(gamma.dtype)
-                gamma.grad.add_(scale * torch.sign(gamma.detach()))
-
-        def post_step(lr: float) -> None:
-            if self.l1_mode != "proximal" or alpha <= 0:
-                return
-            with torch.no_grad():
-                for gamma, g in self.gamma_guidance(model, units, guide):
-                    thr = lr * alpha * (1.0 if g is None else g.to(gamma.dtype))
-                    gamma.copy_(torch.sign(gamma) * torch.clamp(gamma.abs() - thr, min=0.0))
-
-        return step_hook, post_step
-
     def train(self, model: nn.Module, units: list[PruneUnit], seg_loader, cls_loader, ignore_index: int, log,
-              ckpt=None) -> dict:
+              ckpt=None, budget=None) -> dict:
         """Segmentation training with the context-guided ℓ1 term on the units' γ, in place.
 
         Args:
             model: segmentation network, images (N, 3, H, W) -> logits (N, K, H, W).
             units: prunable units; the γ of all their BatchNorms are penalised.
             seg_loader: (images, labels (N, H, W)) batches. ``cls_loader`` is unused.
-            ckpt: optional ``engine.resume.StageCheckpoint``; the importance averages are saved with it.
+            ckpt: optional ``engine.resume.StageCheckpoint``; the importance averages and the ℓ1
+                schedule are saved with it.
+            budget: ``segprune.algorithm.Budget`` for the growing schedule (None: the constant α).
 
         Returns:
-            the statistics of ``train_segmentation`` plus ``gamma_zero`` (fraction of penalised γ
-            with |γ| < 1e-3) and ``guided_bns`` (number of guiding modules). The final guidance
-            vectors are kept in ``self.last_guidance`` (BN name -> g (C,)).
+            as ``Slimming.train``, plus ``guided_bns`` (number of guiding modules). The final
+            guidance vectors are kept in ``self.last_guidance`` (BN name -> g (C,)).
 
         Raises:
             NonFiniteLossError: NaN/inf loss (from ``train_segmentation``).
         """
         guide = self.attach(model, units)
         try:
-            step_hook, post_step = self.guided_hooks(model, units, guide)
-            tcfg = self.seg_training_config()
-            st = train_segmentation(model, seg_loader, tcfg, ignore_index, log, step_hook=step_hook, post_step=post_step,
-                                    ckpt=ckpt, extra=guide)
+            st = self.l1_train(model, units, seg_loader, ignore_index, log, ckpt, budget,
+                               multiplier=guide.guidance, state=guide, before=lambda it: guide.step())
         finally:
             guide.remove()
-        gammas = [g for g, _ in self.gamma_guidance(model, units, guide)]
-        n = sum(g.numel() for g in gammas)
-        zero = sum(int((g.detach().abs() < 1e-3).sum()) for g in gammas) / max(1, n)
         self.last_guidance = {b: guide.guidance(b) for b in guide.running}
-        log.write(f"cap: alpha {self.alpha:g} ({self.l1_mode}), {len(self.guided_bns(units))} guiding modules "
-                  f"({self.options['guide']}), ema {self.options['ema']:g}, zero-γ fraction {zero:.3f}")
-        return {**st, "gamma_zero": zero, "guided_bns": len(self.guided_bns(units))}
+        log.write(f"cap: {len(self.guided_bns(units))} guiding modules ({self.options['guide']}), "
+                  f"ema {self.options['ema']:g}")
+        return {**st, "guided_bns": len(self.guided_bns(units))}
