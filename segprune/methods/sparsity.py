@@ -36,16 +36,17 @@ which per-channel multiplier):
     |γ2| for the decoder; Slimming and CAP: |γ|). The criterion of each method therefore still
     decides which channels go; the schedule only makes sure that they are gone (γ = 0) before removal.
   - λ_G per γ group G (the γ one optimizer steps; MTP has two: W1's with lr_cls, the segmentation
-    network's with lr_seg): starts at λ0 = c0·γ̄_G / S_G (γ̄_G the group's mean |γ| before training,
-    S_G = Σ_t lr_t over the planned steps, c0 = :data:`LAMBDA0_SHRINK` = 1 %: held constant, λ0 alone
-    would shrink the mean γ by 1 % over the whole training), and is multiplied by
-    ρ = :data:`GROWTH` ** (1 / (l1_ramp·T)) per step while some γ of R in the group exceeds
+    network's with lr_seg): 0 during the *criterion phase*, the first :data:`CRITERION_PHASE` = ½ of
+    the ramp (T_c = ½·l1_ramp·T steps: only the method's own objective acts, so its loss, not the
+    initial |γ|, orders the channels); then λ0 = c0·γ̄_G / S_G (γ̄_G the group's mean |γ| before
+    training, S_G = Σ_t lr_t over the planned steps, c0 = :data:`LAMBDA0_SHRINK` = 1 %: held alone,
+    λ0 would shrink the mean γ by 1 % over the whole training), multiplied by
+    ρ = :data:`GROWTH` ** (1 / (l1_ramp·T − T_c)) per step while some γ of R in the group exceeds
     ε_G = ``l1_eps``·γ̄_G; it is held once they are all below ε_G and grows again if one comes back.
-    At 10⁴× growth over the first ``l1_ramp`` (default 0.25) of training, the cumulative threshold
-    reaches the γ of R at about 0.8-0.9 of the ramp (measured on the demo: step 35 of 160): until
-    about half of the ramp the penalty is negligible (the constant-α objective), then R is driven to
-    exact zeros, and the remaining steps let the kept channels take over while R is held at zero.
-    Everything is relative to γ̄ and Σ lr, so no α needs tuning per dataset or learning rate.
+    With 10⁴× growth over the second half of the ramp (default l1_ramp 0.25), R reaches exact zero
+    near the end of the ramp (demo: step 39 of 160), and the remaining steps let the kept channels
+    take over while R is held at zero. Everything is relative to γ̄ and Σ lr, so no α needs tuning
+    per dataset or learning rate.
   - p: the budget's keep ratio. Under a FLOPs target the keep ratio is not known before training:
     it is estimated by the same bisection as the prune step (``pruning.search.search_keep_ratio``)
     on the current scores, at steps 0, T/10, 2T/10, ... up to the end of the ramp, and held after.
@@ -68,7 +69,8 @@ from ..engine.train import LoopState
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import round_kept
 
-__all__ = ["L1_MODES", "L1_SCHEDULES", "SPARSITY_CONFIG_KEYS", "GROWTH", "LAMBDA0_SHRINK", "soft_threshold_",
+__all__ = ["L1_MODES", "L1_SCHEDULES", "SPARSITY_CONFIG_KEYS", "GROWTH", "LAMBDA0_SHRINK", "CRITERION_PHASE",
+           "soft_threshold_",
            "add_l1_subgradient_", "sgd_param_groups", "make_sgd_with_gammas", "PenalisedGamma", "GammaGroup",
            "L1Sparsity", "StateBundle", "sparsity_config_problems", "lr_sum", "gamma_quantiles", "bn_params",
            "l1_from_config"]
@@ -81,6 +83,9 @@ SPARSITY_CONFIG_KEYS = ("l1_mode", "l1_schedule", "l1_eps", "l1_ramp")
 GROWTH = 1e4
 #: λ0 held over the whole training would shrink the group's mean |γ| by this fraction, [ours]
 LAMBDA0_SHRINK = 1e-2
+#: fraction of the ramp during which λ = 0 (the criterion phase: only the method's own objective acts
+#: on the γ, so that its loss, not the initial |γ|, orders the channels), [ours]
+CRITERION_PHASE = 0.5
 
 
 def soft_threshold_(gammas: list[torch.Tensor], thresholds) -> None:
@@ -257,7 +262,9 @@ class L1Sparsity(LoopState):
         self.eps_rel, self.ramp = float(eps), float(ramp)
         self.multiplier, self.flops, self.log = multiplier, flops, log
         self.every = max(1, self.total // 200)
-        self.rho = GROWTH ** (1.0 / max(1.0, self.ramp * self.total))
+        #: first step of the budget phase: before it λ = 0 (the criterion phase, only α acts)
+        self.start_step = int(CRITERION_PHASE * self.ramp * self.total)
+        self.rho = GROWTH ** (1.0 / max(1.0, self.ramp * self.total - self.start_step))
         self.started = False
         self.lam = {n: 0.0 for n in self.groups}
         self.lam0 = {n: 0.0 for n in self.groups}
@@ -281,10 +288,14 @@ class L1Sparsity(LoopState):
             if it % tenth < self.every:                      # about every T/10 steps, and at step 0
                 self._estimate_keep_ratio(it)
         self._plan_removal()
+        if it < self.start_step:                            # criterion phase: the method's own objective
+            return
         for name, grp in self.groups.items():
             worst = self._max_removed(grp)
             if worst > self.eps_rel * self.gbar[name]:
-                if it > 0:
+                if self.lam[name] == 0.0:                   # first step of the budget phase
+                    self.lam[name] = self.lam0[name]
+                else:
                     self.lam[name] *= self.rho ** self.every
                 if self.clean_at[name] is not None:
                     self.clean_at[name] = None
@@ -323,7 +334,7 @@ class L1Sparsity(LoopState):
             gbar = float(sum(m.param.detach().abs().sum() for m in grp.members)) / max(1, n) if n else 0.0
             self.gbar[name] = gbar
             if self.schedule == "growing" and grp.lr_total > 0:
-                self.lam0[name] = self.lam[name] = LAMBDA0_SHRINK * gbar / grp.lr_total
+                self.lam0[name] = LAMBDA0_SHRINK * gbar / grp.lr_total
         if self.schedule == "growing" and self.budget.target_flops_ratio is None:
             self.keep_ratio = float(self.budget.keep_ratio)
 
@@ -414,11 +425,13 @@ class L1Sparsity(LoopState):
         """JSON-able record for the sparsity stage's done.json.
 
         Keys: l1_mode, l1_schedule, keep_ratio (the one R was planned at; None for the constant
-        schedule), per group: lambda, lambda0, eps (absolute), clean_at_step (first step from
+        schedule), budget_phase_from_step (growing: the first step with λ > 0), per group: lambda, lambda0, eps (absolute), clean_at_step (first step from
         which all γ planned for removal stayed below eps; None if never), planned_removed, removed_below_eps
         (fraction), removed_max_gamma, kept_median_gamma.
         """
         out: dict = {"l1_mode": self.mode, "l1_schedule": self.schedule, "keep_ratio": self.keep_ratio, "groups": {}}
+        if self.schedule == "growing":
+            out["budget_phase_from_step"] = self.start_step
         if self.requested != self.schedule:
             out["l1_schedule_requested"] = self.requested
         if self.schedule == "growing" and self.started:
