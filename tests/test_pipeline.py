@@ -63,7 +63,8 @@ def test_prune_step_metrics_are_filled(finished_run, tmp_path):
     assert 0.0 <= m["sparse"]["miou"] <= 1.0 and 0.0 < m["sparse"]["pixel_acc"] <= 1.0
     assert m["prune_step_loss"] == pytest.approx(m["sparse"]["miou"] - m["pruned"]["miou_before_finetune"])
     share = m["removed_gamma_share"]
-    assert 0.0 < share["total"] < 1.0 and set(share["parts"]) == {"backbone", "decoder"}
+    # MTP's growing ℓ1 schedule drove every channel the budget removes to γ = 0 (magnitude: > 0, test_api)
+    assert share["total"] == 0.0 and set(share["parts"]) == {"backbone", "decoder"}
     prune = json.loads((out / "stages/04_prune/done.json").read_text())
     assert prune["removed_gamma_share"] == share and prune["compensation"]["mode"] == "interior"
     assert m["removal_compensation"] == prune["compensation"]

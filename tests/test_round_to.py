@@ -67,6 +67,11 @@ def test_round_to_one_keeps_old_fingerprints():
     cfg8 = copy.deepcopy(cfg)
     cfg8["prune"]["round_to"] = 8
     a, b = stage_fingerprints(cfg), stage_fingerprints(cfg8)
+    # MTP's growing ℓ1 schedule zeroes the channels of the rounded budget: rounding is a sparsity input
+    assert a["sparsity"] != b["sparsity"] and a["prune"] != b["prune"]
+    for c in (cfg, cfg8):  # with the paper's constant α the budget only enters at the prune stage
+        c["method"]["l1_schedule"] = "constant"
+    a, b = stage_fingerprints(cfg), stage_fingerprints(cfg8)
     assert a["sparsity"] == b["sparsity"] and a["prune"] != b["prune"]
 
 
@@ -86,14 +91,22 @@ def test_pipeline_widths_are_multiples(tmp_path, method):
     rounded_cfg["prune"]["round_to"] = 4
     rounded = tmp_path / "r4"
     Pipeline(rounded_cfg, rounded, quiet=True, share=[plain]).run(stop_after="prune")
-    assert json.loads((rounded / "stages" / "03_sparsity" / "done.json").read_text()).get("shared_from") == str(plain)
+    shared = json.loads((rounded / "stages" / "03_sparsity" / "done.json").read_text()).get("shared_from")
+    from segprune.methods.base import training_budget
+    if training_budget(rounded_cfg) is None:  # training independent of the budget: the sparsity stage is shared
+        assert shared == str(plain)
+    else:  # MTP's growing ℓ1 schedule zeroes the channels the *rounded* budget removes: its own sparsity stage
+        assert shared is None and training_budget(rounded_cfg)["round_to"] == 4
     u0, u4 = _units(plain), _units(rounded)
     assert any(u["kept"] % 4 for u in u0.values()), "the toy case must need rounding somewhere"
-    for name, u in u4.items():
-        assert u["kept"] == rounded_count(u0[name]["kept"], u["channels"], 4), name
-        assert u["kept"] % 4 == 0 or u["kept"] == u["channels"], name
     done = json.loads((rounded / "stages" / "04_prune" / "done.json").read_text())
-    assert done["round_to"] == 4 and done["kept_channels_before_rounding"] == sum(u["kept"] for u in u0.values())
+    assert done["round_to"] == 4
+    for name, u in u4.items():
+        assert u["kept"] % 4 == 0 or u["kept"] == u["channels"], name
+        if shared:  # same γ as the plain run: rounding moves each width to the nearest multiple
+            assert u["kept"] == rounded_count(u0[name]["kept"], u["channels"], 4), name
+    if shared:
+        assert done["kept_channels_before_rounding"] == sum(u["kept"] for u in u0.values())
 
 
 def test_flops_target_is_met_after_rounding(tmp_path):

@@ -35,7 +35,12 @@ def test_fingerprints_change_exactly_where_the_config_starts_to_matter():
     base = stage_fingerprints(_cfg(**{"train.seed": 0}))
     assert _first_diff(base, stage_fingerprints(_cfg(**{"train.seed": 0, "seed": 7}))) == "sparsity"
     assert _first_diff(base, stage_fingerprints(_cfg(**{"train.seed": 1}))) == "pretrain_cls"
-    assert _first_diff(base, stage_fingerprints(_cfg(**{"train.seed": 0, "prune.threshold_mode": "uni"}))) == "prune"
+    # MTP's growing ℓ1 schedule trains for the budget: the threshold mode changes its sparsity stage ...
+    assert _first_diff(base, stage_fingerprints(_cfg(**{"train.seed": 0, "prune.threshold_mode": "uni"}))) == "sparsity"
+    # ... the paper's constant α does not (the budget only enters at the prune stage)
+    const = stage_fingerprints(_cfg(**{"train.seed": 0, "method.l1_schedule": "constant"}))
+    assert _first_diff(const, stage_fingerprints(_cfg(**{"train.seed": 0, "method.l1_schedule": "constant",
+                                                         "prune.threshold_mode": "uni"}))) == "prune"
     assert _first_diff(base, stage_fingerprints(_cfg(**{"train.seed": 0, "finetune.cls.epochs": 0}))) == "finetune_cls"
     assert _first_diff(base, stage_fingerprints(_cfg(**{"train.seed": 0, "train.seg.epochs": 5}))) == "train_seg"
     assert _first_diff(base, stage_fingerprints(_cfg(**{"train.seed": 0, "method.alpha1": 0.5}))) == "sparsity"
@@ -98,8 +103,10 @@ def test_sweep_runs_everything_and_shares_stages(swept):
         assert done(run, "02_train_seg")["shared_from"].endswith("mtp_s3")
         a = (out / "mtp_s3" / "stages/02_train_seg/model.safetensors").read_bytes()
         assert (out / run / "stages/02_train_seg/model.safetensors").read_bytes() == a
-    # Uni differs from Ind only at the prune stage: the sparsity training is shared, pruning is not
-    assert done("mtp_uni_s3", "03_sparsity")["shared_from"].endswith("mtp_s3")
+    # MTP's growing ℓ1 schedule trains for the budget, threshold mode included: Uni runs its own sparsity
+    # stage (budget-independent training is shared across prune settings: tests/test_round_to.py, fpgm)
+    assert "shared_from" not in done("mtp_uni_s3", "03_sparsity")
+    assert done("mtp_uni_s3", "03_sparsity")["fingerprint"] != done("mtp_s3", "03_sparsity")["fingerprint"]
     assert "shared_from" not in done("mtp_uni_s3", "04_prune")
     assert "shared_from" not in done("fpgm_s3", "03_sparsity")
     m_ind = json.loads((out / "mtp_s3" / "metrics.json").read_text())

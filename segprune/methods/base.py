@@ -385,7 +385,10 @@ def training_budget(cfg: Mapping) -> dict | None:
     pr = cfg["prune"]
     keys = ("threshold_mode", "min_channels", "round_to") + (
         ("target_flops_ratio", "flops_tolerance") if pr.get("target_flops_ratio") is not None else ("keep_ratio",))
-    return {k: pr.get(k) for k in keys}
+    out = {k: pr.get(k) for k in keys}
+    if int(out.get("round_to") or 1) == 1:  # no rounding: as configs written before round_to existed
+        out.pop("round_to")
+    return out
 
 
 def method_config(cfg: Mapping) -> dict:

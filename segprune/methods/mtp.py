@@ -125,9 +125,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
         x = x.detach().flatten().double().cpu()
         order = torch.argsort(x, stable=True)
         r = torch.empty_like(x)
-        r[order] = torch.arange(x.numel(), dtype=torch.float64)
+        r[order] = torch.arange(x.numel(), dtype=torch.float64, device="cpu")
         _, inv, counts = torch.unique(x, return_inverse=True, return_counts=True)
-        sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, inv, r)
+        sums = torch.zeros(counts.numel(), dtype=torch.float64, device="cpu").index_add_(0, inv, r)
         return (sums / counts)[inv]
     if a.numel() < 2:
         return float("nan")

@@ -367,7 +367,7 @@ class L1Sparsity(LoopState):
         kept = round_kept(self._select(scores, self.keep_ratio, b.threshold_mode, b.min_channels), scores, b.round_to)
         removal = {}
         for u in self.units:
-            mask = torch.ones(u.channels, dtype=torch.bool)
+            mask = torch.ones(u.channels, dtype=torch.bool, device="cpu")
             mask[kept[u.name]] = False
             removal[u.name] = mask
         self.removal = removal
@@ -446,8 +446,8 @@ class L1Sparsity(LoopState):
                 else:
                     rem.append(a[r])
                     kept.append(a[~r])
-            rem_t = torch.cat(rem) if rem else torch.zeros(0)
-            kept_t = torch.cat(kept) if kept else torch.zeros(0)
+            rem_t = torch.cat(rem) if rem else torch.zeros(0, device="cpu")
+            kept_t = torch.cat(kept) if kept else torch.zeros(0, device="cpu")
             eps = self.eps_rel * self.gbar[name]
             out["groups"][name] = {
                 "lambda": self.lam[name], "lambda0": self.lam0[name], "eps": eps, "clean_at_step": self.clean_at[name],
@@ -459,14 +459,14 @@ class L1Sparsity(LoopState):
 
     # ---- LoopState ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        t = {"started": torch.tensor(float(self.started), dtype=torch.float64),
+        t = {"started": torch.tensor(float(self.started), dtype=torch.float64, device="cpu"),
              "keep_ratio": torch.tensor(float("nan") if self.keep_ratio is None else self.keep_ratio,
-                                        dtype=torch.float64)}
+                                        dtype=torch.float64, device="cpu")}
         for n in self.groups:
-            t[f"lambda.{n}"] = torch.tensor(self.lam[n], dtype=torch.float64)
-            t[f"lambda0.{n}"] = torch.tensor(self.lam0[n], dtype=torch.float64)
-            t[f"gbar.{n}"] = torch.tensor(self.gbar[n], dtype=torch.float64)
-            t[f"clean_at.{n}"] = torch.tensor(-1 if self.clean_at[n] is None else self.clean_at[n], dtype=torch.int64)
+            t[f"lambda.{n}"] = torch.tensor(self.lam[n], dtype=torch.float64, device="cpu")
+            t[f"lambda0.{n}"] = torch.tensor(self.lam0[n], dtype=torch.float64, device="cpu")
+            t[f"gbar.{n}"] = torch.tensor(self.gbar[n], dtype=torch.float64, device="cpu")
+            t[f"clean_at.{n}"] = torch.tensor(-1 if self.clean_at[n] is None else self.clean_at[n], dtype=torch.int64, device="cpu")
         for u, r in self.removal.items():
             t[f"removal.{u}"] = r.to(torch.uint8)
         return t

@@ -280,11 +280,12 @@ def fit_channel_groups(keep: torch.Tensor, channels: int, groups: int) -> torch.
         sorted LongTensor (G * k,) of channel indices.
     """
     per = channels // groups
-    votes = torch.zeros(per, dtype=torch.long)
-    votes.index_add_(0, keep.long() % per, torch.ones(keep.numel(), dtype=torch.long))
+    keep = keep.long().cpu()
+    votes = torch.zeros(per, dtype=torch.long, device="cpu")
+    votes.index_add_(0, keep % per, torch.ones(keep.numel(), dtype=torch.long, device="cpu"))
     k = max(1, int(round(keep.numel() / groups)))
     pos = torch.sort(torch.argsort(-votes, stable=True)[:k]).values
-    out = (torch.arange(groups).unsqueeze(1) * per + pos.unsqueeze(0)).flatten()
+    out = (torch.arange(groups, device="cpu").unsqueeze(1) * per + pos.unsqueeze(0)).flatten()
     out = torch.sort(out).values
     return keep if torch.equal(out, torch.sort(keep.long()).values) else out
 
