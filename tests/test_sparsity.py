@@ -222,7 +222,9 @@ def test_sparsity_stage_fingerprint_includes_the_budget():
     cfg = copy.deepcopy(DEFAULTS)
     for name in ("mtp", "slimming", "cap"):
         cfg["method"]["name"] = name
-        assert training_budget(cfg) == {"threshold_mode": "ind", "min_channels": 4, "round_to": 1, "keep_ratio": 0.5}
+        # round_to 1 (no rounding) is left out, as in configs written before round_to existed
+        assert training_budget(cfg) == {"threshold_mode": "ind", "min_channels": 4, "keep_ratio": 0.5}
+        assert training_budget({**cfg, "prune": {**cfg["prune"], "round_to": 8}})["round_to"] == 8
         cfg["method"]["l1_schedule"] = "constant"
         assert training_budget(cfg) is None
         cfg["method"]["l1_schedule"] = "growing"
