@@ -352,7 +352,8 @@ def prune_model(model: nn.Module, method: str = "mtp", *, keep_ratio: float | No
         ignore_index: void label of the segmentation targets.
         method_cfg: the method's hyper-parameters, the keys of the ``method:`` config section
             (docs/methods.md; e.g. MTP ``epochs, lr_seg, lr_cls, lam, alpha1, alpha2, mu0, rho, mu_max,
-            update_every, l1_mode, keep_copy``; Slimming ``alpha``; ``options`` for CAP/SIRFP/ACoSP),
+            update_every, l1_mode, keep_copy``; for MTP, Slimming and CAP the ℓ1 schedule ``l1_schedule``
+            (growing, or the paper's constant), ``l1_eps``, ``l1_ramp``; Slimming ``alpha``; ``options`` for CAP/SIRFP/ACoSP),
             over ``segprune.config.DEFAULTS["method"]``.
         finetune: None/False (no fine-tuning), True (defaults) or {"cls": {...}, "seg": {...}} over
             ``DEFAULTS["finetune"]`` (epochs, lr, momentum, weight_decay, max_iters_per_epoch): the
