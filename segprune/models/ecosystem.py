@@ -46,11 +46,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # imported lazily at run time (load_ecosystem_pretrained)
+    from .pretrained import PretrainedReport
 
 __all__ = ["TORCHVISION_PREFIX", "SMP_PREFIX", "ECOSYSTEM_DEFAULTS", "is_ecosystem_name", "name_problems",
            "config_problems", "build_ecosystem_model", "adapt", "EcosystemSegModel", "ClsBackbone",
@@ -150,7 +153,7 @@ def config_problems(m: dict) -> list[str]:
     if not isinstance(aux, bool):
         bad.append(f"model.aux_loss={aux!r}: must be true or false")
     elif aux and not (eco and name.startswith(TORCHVISION_PREFIX)):
-        bad.append(f"model.aux_loss=True: used only by torchvision.* models (their FCN auxiliary head); remove it")
+        bad.append("model.aux_loss=True: used only by torchvision.* models (their FCN auxiliary head); remove it")
     if eco:
         from . import MODEL_DEFAULTS
         for key in ("width", "output_stride", "multi_grid", "aspp_channels", "aspp_rates"):
