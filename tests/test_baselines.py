@@ -13,7 +13,7 @@ from segprune.engine.log import StageLog
 from segprune.methods import METHODS, build_method, per_layer_select
 from segprune.methods.fpgm import FPGM, fpgm_scores
 from segprune.methods.slimming import Slimming
-from segprune.methods.thinet import (ThiNet, channel_contributions, consumer_slices, thinet_greedy,
+from segprune.methods.thinet import (channel_contributions, consumer_slices, thinet_greedy,
                                      thinet_objective)
 from segprune.methods.uniform import Uniform, filter_l1_norms, reinitialize_
 from segprune.models import build_model

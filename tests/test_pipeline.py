@@ -236,7 +236,6 @@ def test_run_folder_holds_no_pickles(finished_run):
 def test_no_torch_load_outside_the_safe_wrapper():
     """Every torch.load on a user path goes through checkpoint.torch_load_safe (weights_only=True)."""
     import re
-    from pathlib import Path
     root = Path(__file__).resolve().parents[1] / "segprune"
     offenders = []
     for f in root.rglob("*.py"):
