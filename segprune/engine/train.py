@@ -5,9 +5,10 @@ seeded ``torch.Generator``, augmentation from per-sample seeds, see ``segprune.d
 
 Under ``torchrun`` (``engine.distributed``) the same loops run data-parallel: each rank trains on
 its slice of every global batch (``make_loader(..., shard=True)``), its loss is its share of the
-global mean, gradients are summed over ranks after ``backward`` and before any step hook reads
-them, and BatchNorm/dropout see the global batch (``distributed.replicated``). In a single process
-none of this code runs.
+global mean, the forward runs through torch's ``DistributedDataParallel``
+(``distributed.data_parallel``), which sums the gradients over ranks during ``backward``, before
+any step hook reads them, and BatchNorm/dropout see the global batch (``distributed.replicated``).
+In a single process none of this code runs.
 """
 from __future__ import annotations
 
@@ -113,15 +114,18 @@ class LoopState:
 
 
 def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: StageLog, lr_at: Callable[[int, int], float],
-               step: Callable[[torch.Tensor, torch.Tensor, torch.optim.Optimizer, int], dict],
-               epoch_msg: Callable[[dict, int, float], str], ckpt: StageCheckpoint | None,
-               opt: torch.optim.Optimizer | None = None, extra: LoopState | None = None) -> dict:
+               step: Callable[..., dict], epoch_msg: Callable[[dict, int, float], str], ckpt: StageCheckpoint | None,
+               opt: torch.optim.Optimizer | None = None, extra: LoopState | None = None,
+               trained: tuple[nn.Module, ...] = ()) -> dict:
     """Shared epoch loop of the training functions: LR schedule, periodic in-stage checkpoints
     (``engine.resume``) and resume.
 
-    ``step(x, y, opt, it)`` runs one iteration and returns the batch's running sums (e.g. loss);
-    ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr, momentum, weight_decay); ``extra``
-    is saved with every in-stage checkpoint and restored on resume. The checkpoint holds the CPU RNG
+    ``step(x, y, opt, it, run)`` runs one iteration and returns the batch's running sums (e.g. loss);
+    it computes its forward as ``run(fn, *args)`` (= ``fn(*args)``; several processes: through
+    ``distributed.data_parallel`` over ``net`` and ``trained``, so that ``backward`` sums the
+    gradients over ranks). ``trained``: further modules whose parameters the step trains besides
+    ``net``'s (ACoSP's mask logits). ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr,
+    momentum, weight_decay); ``extra`` is saved with every in-stage checkpoint and restored on resume. The checkpoint holds the CPU RNG
     state and, for a model on a GPU, that device's CUDA RNG state (``resume.rng_state``). Batches are
     moved to the device of ``net``'s first parameter. Returns the last epoch's means of the sums and
     ``iters``.
@@ -149,7 +153,8 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         lr = lr_at(max(0, it - 1), total)  # the last rate applied (reported if the epoch is already complete)
         log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
     out: dict = {}
-    with ddp.replicated(net):  # several processes: global-batch BatchNorm statistics and dropout masks
+    # several processes: global-batch BatchNorm statistics and dropout masks; gradients summed by DDP
+    with ddp.replicated(net), ddp.data_parallel(net, *trained) as run:
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
                 sums, skip = {}, 0
@@ -160,7 +165,7 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
                 x, y = ddp.to_device(x, y, like=like)  # CPU model: the same tensors
                 lr = lr_at(it, total)
                 set_lr(opt, lr)
-                for k, v in step(x, y, opt, it).items():
+                for k, v in step(x, y, opt, it, run).items():
                     sums[k] = sums.get(k, 0.0) + v
                 it += 1
                 bar.update(1)
@@ -239,17 +244,17 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
     """
     amp = Amp(_device_of(model))  # train.amp (engine/amp.py): autocast of forward + loss
 
-    def step(x, y, opt, it):
+    def step(x, y, opt, it, run):
         denom = seg_denominator(y, ignore_index)  # None in a single process
         with amp.autocast():
-            loss = seg_loss(model, x, y, ignore_index, denom)
+            loss = run(seg_loss, model, x, y, ignore_index, denom)
         if denom is None:
             value = loss.item()  # the step's one host sync: NaN check and logged loss
             check_finite(value, log.stage, it)
         opt.zero_grad(set_to_none=True)
-        amp.backward(loss, opt)  # gradients unscaled on return (fp16)
-        if denom is not None:  # several processes: gradients and loss summed over ranks
-            value = ddp.sync_grads(opt, loss)[0]
+        amp.backward(loss, opt)  # several processes: gradients summed over ranks; unscaled on return (fp16)
+        if denom is not None:  # several processes: the loss summed over ranks
+            value = ddp.sum_values(loss.detach())[0]
             check_finite(value, log.stage, it)
         if step_hook is not None:
             step_hook(it)
@@ -281,9 +286,9 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
     linear = cfg.get("schedule", "linear") == "linear"
     amp = Amp(_device_of(net))  # train.amp (engine/amp.py): autocast of forward + loss
 
-    def step(x, y, opt, it):
+    def step(x, y, opt, it, run):
         with amp.autocast():
-            logits = forward(x)
+            logits = run(forward, x)
         if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
             logits = logits.float()
         denom = ddp.global_count(y.numel())  # None in a single process
@@ -298,8 +303,8 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
         opt.zero_grad(set_to_none=True)
         amp.backward(loss, opt)
         out = {"loss": value, "correct": correct, "seen": float(y.numel())}
-        if denom is not None:  # several processes: gradients, loss and counts summed over ranks
-            out = dict(zip(out, ddp.sync_grads(opt, *out.values())))
+        if denom is not None:  # several processes: loss and counts summed over ranks (gradients by DDP)
+            out = dict(zip(out, ddp.sum_values(*out.values())))
             check_finite(out["loss"], log.stage, it)
         amp.step(opt)
         return out
