@@ -287,7 +287,8 @@ def train_loader(ds: Dataset, batch_size: int, seed: int, num_workers: int = 0, 
     bs = BatchSampler(RandomSampler(ds, generator=gen), int(batch_size), drop_last)
     r = rank() if rank_ is None else int(rank_)
     w = world() if world_ is None else int(world_)
-    return DataLoader(ds, batch_sampler=ShardedBatchSampler(bs, r, w), num_workers=num_workers, generator=gen)
+    return DataLoader(ds, batch_sampler=ShardedBatchSampler(bs, r, w), num_workers=num_workers, generator=gen,
+                      pin_memory=device().type == "cuda")  # page-locked batches for the non-blocking copy
 
 
 class RankShard(Subset):
@@ -299,7 +300,7 @@ def eval_loader(ds: Dataset, batch_size: int, num_workers: int = 0) -> DataLoade
     sizes = shard_sizes(len(ds), world())
     start = sum(sizes[:rank()])
     return DataLoader(RankShard(ds, range(start, start + sizes[rank()])), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers)
+                      num_workers=num_workers, pin_memory=device().type == "cuda")
 
 
 def is_sharded(loader) -> bool:

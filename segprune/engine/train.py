@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as ddp
 from .amp import Amp
+from .layout import training_layout
 from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors, restore_rng, rng_state)
@@ -55,10 +56,19 @@ def loader_speedups(num_workers: int) -> dict:
     """``DataLoader`` options that only change speed: ``pin_memory`` when CUDA is available (page-locked
     host batches, copied to the GPU with ``non_blocking=True``).
 
-    ``persistent_workers`` is deliberately not used: every sample is augmented from a seed of its own
-    index and the dataset's epoch (``set_epoch`` in the main process before each epoch), and persistent
-    worker processes would keep the dataset copy of the first epoch, silently repeating its
-    augmentation; re-spawned workers (the default) see the new epoch."""
+    ``persistent_workers`` is deliberately not used, for two reasons (torch 2.14's DataLoader):
+
+    * every sample is augmented from a seed of its own index and the dataset's epoch (``set_epoch`` in
+      the main process before each epoch); persistent worker processes keep the dataset copy of the
+      first epoch and would silently repeat its augmentation; re-spawned workers see the new epoch;
+    * the DataLoader draws its workers' base seed from ``loader.generator`` when it creates an
+      iterator; persistent workers reuse the first iterator, so from the second epoch on the generator
+      would no longer advance by that draw and the shuffling would differ from a run with
+      ``num_workers: 0`` or with re-spawned workers, and from a resumed run (whose first iterator, in a
+      later epoch, does draw), breaking the bitwise resume.
+
+    Fixing both needs the epoch in shared memory in every dataset class and an emulated seed draw per
+    epoch (private DataLoader state); not done. The cost is one worker start-up per epoch."""
     return {"pin_memory": bool(torch.cuda.is_available())}
 
 
@@ -127,8 +137,9 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
     ``net``'s (ACoSP's mask logits). ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr,
     momentum, weight_decay); ``extra`` is saved with every in-stage checkpoint and restored on resume. The checkpoint holds the CPU RNG
     state and, for a model on a GPU, that device's CUDA RNG state (``resume.rng_state``). Batches are
-    moved to the device of ``net``'s first parameter. Returns the last epoch's means of the sums and
-    ``iters``.
+    moved to the device of ``net``'s first parameter (and, with ``train.channels_last``, to the
+    channels-last format, as are ``net`` and ``trained`` during the loop: ``engine.layout``).
+    Returns the last epoch's means of the sums and ``iters``.
     """
     n_it = iters_per_epoch(loader, cfg.get("max_iters_per_epoch"))
     epochs = int(cfg["epochs"])
@@ -153,8 +164,9 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         lr = lr_at(max(0, it - 1), total)  # the last rate applied (reported if the epoch is already complete)
         log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
     out: dict = {}
-    # several processes: global-batch BatchNorm statistics and dropout masks; gradients summed by DDP
-    with ddp.replicated(net), ddp.data_parallel(net, *trained) as run:
+    # train.channels_last (engine/layout.py); several processes: global-batch BatchNorm statistics and
+    # dropout masks, gradients summed by DDP (built after the layout change: its buckets follow the strides)
+    with training_layout(net, *trained) as fmt, ddp.replicated(net), ddp.data_parallel(net, *trained) as run:
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
                 sums, skip = {}, 0
@@ -163,6 +175,7 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
                 if i >= n_it:
                     break
                 x, y = ddp.to_device(x, y, like=like)  # CPU model: the same tensors
+                x = fmt(x)  # train.channels_last: NHWC images (else the same tensor)
                 lr = lr_at(it, total)
                 set_lr(opt, lr)
                 for k, v in step(x, y, opt, it, run).items():

@@ -73,6 +73,7 @@ from torch import nn
 
 from ..engine import distributed as ddp
 from ..engine.amp import Amp, current_amp
+from ..engine.layout import training_layout
 from ..engine.log import StageLog
 from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
                              load_optimizer_tensors, module_tensors, optimizer_tensors, restore_rng, rng_state)
@@ -434,9 +435,10 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
         restore_rng(t, dev)  # dropout draws from the global generator (and the GPU's on a GPU)
         cls_iter.load("cls", t, meta)
         log.write(f"resumed from {src} at iteration {mtp.steps} (epoch {start_epoch + 1}, batch {skip})")
-    # several processes: global-batch BatchNorm statistics and dropout masks; W1's and the segmentation
-    # network's gradients summed over ranks by one DistributedDataParallel each
-    with ddp.replicated(model, mtp.w1), ddp.data_parallel(mtp.w1) as run1, ddp.data_parallel(model) as run23:
+    # train.channels_last (engine/layout.py); several processes: global-batch BatchNorm statistics and dropout
+    # masks, W1's and the segmentation network's gradients summed over ranks by one DistributedDataParallel each
+    with training_layout(model, mtp.w1) as fmt, ddp.replicated(model, mtp.w1), ddp.data_parallel(mtp.w1) as run1, \
+            ddp.data_parallel(model) as run23:
         for epoch in range(start_epoch, int(cfg["epochs"])):
             if epoch != start_epoch:
                 skip, lc, ls = 0, 0.0, 0.0
@@ -446,6 +448,7 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
                     break
                 x1, y1 = next(cls_iter)
                 x1, y1, x2, y2 = ddp.to_device(x1, y1, x2, y2, like=like)  # CPU model: the same tensors
+                x1, x2 = fmt(x1), fmt(x2)  # train.channels_last: NHWC images (else the same tensors)
                 mtp.l1.update(mtp.steps)         # ℓ1 schedule: channels planned for removal, λ
                 lc += mtp.step_w1(x1, y1, linear_lr(cfg["lr_cls"], mtp.steps, total), run=run1)
                 ls += mtp.step_w23(x2, y2, poly_lr(cfg["lr_seg"], mtp.steps, total), ignore_index, run=run23)
