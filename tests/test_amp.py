@@ -175,7 +175,6 @@ def test_acosp_mask_training_runs_in_bf16_autocast():
     """ACoSP's network and masks run in bf16 autocast; the mask logits, weights and BatchNorm
     statistics stay float32; the loss is finite and the hard masks keep k channels per unit, as in
     float32."""
-    from segprune.methods.acosp import ACoSP
     from segprune.pruning import build_graph, discover_units
     cfg = {"name": "acosp", "epochs": 2, "lr_seg": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
            "max_iters_per_epoch": 2, "options": {"keep_ratio": 0.5}}

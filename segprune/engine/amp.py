@@ -93,18 +93,18 @@ class Amp:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(opt)
 
-    def step(self, opt: torch.optim.Optimizer) -> bool:
+    def step(self, opt: torch.optim.Optimizer, report: bool = False) -> bool:
         """``opt.step()``; with fp16 skipped when a gradient is inf/NaN, and the scale updated.
 
         Returns:
-            True if the step was taken (always without fp16); False if fp16 skipped it, known from the
-            loss scale (``GradScaler.update`` lowers it exactly when a gradient was inf/NaN; one host
-            sync, fp16 only).
+            True if the step was taken, False if fp16 skipped it. Without fp16 always True. With fp16
+            and ``report``, known from the loss scale (``GradScaler.update`` lowers it exactly when a
+            gradient was inf/NaN; two host syncs, so only MTP asks); without ``report``, True.
         """
         if self.scaler is None:
             opt.step()
             return True
-        before = self.scaler.get_scale()
+        before = self.scaler.get_scale() if report else None
         self.scaler.step(opt)
         self.scaler.update()
-        return self.scaler.get_scale() >= before
+        return True if before is None else self.scaler.get_scale() >= before

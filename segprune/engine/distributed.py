@@ -26,7 +26,8 @@ How a k-process run reproduces the 1-process run at the same *global* batch B:
   derived state stay identical without being communicated. The DDP wrapper lives only inside the
   loop and forwards the step's own function: the models are never replaced by it, so checkpoints
   hold the plain model (no ``module.`` prefix; :func:`unwrap` strips one anyway) and load at any
-  world size. The loss values a loop logs are summed over ranks by :func:`sum_values`.
+  world size. The loss values a loop logs are summed over ranks by ``engine.train.StepValues`` (every
+  ``READ_EVERY`` steps; a direct ``MTP.step_w1`` call: :func:`sum_values`).
 * **BatchNorm**: inside the training loops (:func:`replicated`) every ``nn.BatchNorm1d/2d/3d`` in
   train mode normalises with the statistics of the *global* batch (``distributed.sync_bn``,
   default true). On CUDA the layers become ``torch.nn.SyncBatchNorm`` for the loop. On the CPU

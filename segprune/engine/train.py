@@ -27,7 +27,7 @@ from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors, restore_rng, rng_state)
 
-__all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "seg_loss",
+__all__ = ["NonFiniteLossError", "READ_EVERY", "StepValues", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "seg_loss",
            "train_segmentation", "train_classification", "iters_per_epoch", "train_loop", "LoopState"]
 
 
@@ -108,6 +108,66 @@ def check_finite(loss: torch.Tensor | float, stage: str, step: int) -> None:
                                  f"lower the learning rate (the last good checkpoint is kept)")
 
 
+#: training losses (and counts) stay on the device and are read on the host every this many steps, before
+#: every in-stage checkpoint and at the end of every epoch (:class:`StepValues`)
+READ_EVERY = 10
+
+
+class StepValues:
+    """Per-step values of a training loop (losses, counts) kept where they were computed (0-d tensors on
+    the model's device, or numbers) and read on the host every ``every`` steps (:meth:`add`) or when
+    :meth:`flush` is called: one host synchronisation per read instead of one per step.
+
+    A read stacks the pending values into one float64 tensor (steps, keys), sums it over ranks in a
+    multi-process run (each value is a rank's share of a global mean or count), reads it, checks the
+    ``checked`` keys step by step (:class:`NonFiniteLossError` names the first bad step) and adds the
+    values to :attr:`sums` in step order: the sums are bitwise those of reading every step.
+
+    A NaN/inf loss is therefore noticed up to ``every - 1`` steps late; the loops flush before every
+    in-stage checkpoint, so the checkpoint on disk stays the last good one.
+
+    Args:
+        checked: key -> the stage label of the error message (e.g. ``{"loss": "train_seg"}``).
+        sums: running sums to continue (a resumed epoch); default empty.
+        every: steps between reads (>= 1).
+    """
+
+    def __init__(self, checked: dict[str, str], sums: dict | None = None, every: int = READ_EVERY):
+        self.checked, self.every = dict(checked), max(1, int(every))
+        self.sums: dict[str, float] = dict(sums or {})
+        self._pending: list[tuple[int, dict]] = []
+
+    def add(self, step: int, values: dict) -> None:
+        """Record step ``step``'s values (key -> 0-d tensor or number; the same keys every step)."""
+        self._pending.append((int(step), values))
+        if len(self._pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> dict[str, float]:
+        """Read the pending values (see the class docstring) and return :attr:`sums`.
+
+        Raises:
+            NonFiniteLossError: a checked value is NaN/inf (the message names its stage and step).
+        """
+        if not self._pending:
+            return self.sums
+        pending, self._pending = self._pending, []
+        keys = list(pending[0][1])
+        dev = next((v.device for _, r in pending for v in r.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        rows = torch.stack([torch.stack([v.detach().to(torch.float64).reshape(()) if isinstance(v, torch.Tensor)
+                                         else torch.full((), float(v), dtype=torch.float64, device=dev)
+                                         for v in (r[k] for k in keys)]) for _, r in pending])
+        if ddp.active():  # the ranks' shares of every step summed
+            rows = ddp.sum_over_ranks(rows)
+        for (step, _), vals in zip(pending, rows.tolist()):  # the read's one host sync
+            row = dict(zip(keys, vals))
+            for k, stage in self.checked.items():
+                check_finite(row[k], stage, step)
+            for k, v in row.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+        return self.sums
+
+
 class LoopState:
     """Method state a training loop must checkpoint besides weights, optimizer and data order
     (e.g. CAP's importance averages, SIRFP's redundancy EMAs, ACoSP's mask logits).
@@ -130,8 +190,9 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
     """Shared epoch loop of the training functions: LR schedule, periodic in-stage checkpoints
     (``engine.resume``) and resume.
 
-    ``step(x, y, opt, it, run)`` runs one iteration and returns the batch's running sums (e.g. loss);
-    it computes its forward as ``run(fn, *args)`` (= ``fn(*args)``; several processes: through
+    ``step(x, y, opt, it, run)`` runs one iteration and returns the batch's values to sum (e.g. loss,
+    as 0-d tensors left on the device: :class:`StepValues` reads them every :data:`READ_EVERY` steps
+    and checks ``"loss"`` for NaN/inf); it computes its forward as ``run(fn, *args)`` (= ``fn(*args)``; several processes: through
     ``distributed.data_parallel`` over ``net`` and ``trained``, so that ``backward`` sums the
     gradients over ranks). ``trained``: further modules whose parameters the step trains besides
     ``net``'s (ACoSP's mask logits). ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr,
@@ -170,6 +231,7 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
                 sums, skip = {}, 0
+            acc = StepValues({"loss": log.stage}, sums)
             bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{epochs}", initial=skip)
             for i, (x, y) in enumerate(cursor.batches(epoch, skip), start=skip):
                 if i >= n_it:
@@ -178,18 +240,18 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
                 x = fmt(x)  # train.channels_last: NHWC images (else the same tensor)
                 lr = lr_at(it, total)
                 set_lr(opt, lr)
-                for k, v in step(x, y, opt, it, run).items():
-                    sums[k] = sums.get(k, 0.0) + v
+                acc.add(it, step(x, y, opt, it, run))
                 it += 1
                 bar.update(1)
                 if ckpt is not None and ckpt.due(it):
+                    sums = dict(acc.flush())  # losses checked before anything is saved
                     more = {} if extra is None else {f"extra.{k}": v for k, v in extra.state_tensors().items()}
                     ckpt.save({**module_tensors("model", net), **optimizer_tensors("opt", opt), "loader.gen": cursor.epoch_state,
                                **rng_state(dev), **more},
                               {"it": it, "epoch": epoch, "batch": i + 1, "sums": sums})
                 fault_point(log.stage, it)
             bar.close()
-            out = {k: v / max(1, n_it) for k, v in sums.items()}
+            out = {k: v / max(1, n_it) for k, v in acc.flush().items()}
             log.write(epoch_msg(out, epoch, lr) if total else "no iterations")
     return {**out, "iters": it}  # the caller deletes the in-stage checkpoint once the stage is saved
 
@@ -253,7 +315,8 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
     ``cfg``. Every group's ``lr`` follows the schedule. Returns {"loss": last epoch mean, "iters"}.
 
     Raises:
-        NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
+        NonFiniteLossError: NaN/inf loss, noticed within :data:`READ_EVERY` steps and before the next
+            in-stage checkpoint (the last in-stage checkpoint is kept; the message names the step).
     """
     amp = Amp(_device_of(model))  # train.amp (engine/amp.py): autocast of forward + loss
 
@@ -261,20 +324,14 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
         denom = seg_denominator(y, ignore_index)  # None in a single process
         with amp.autocast():
             loss = run(seg_loss, model, x, y, ignore_index, denom)
-        if denom is None:
-            value = loss.item()  # the step's one host sync: NaN check and logged loss
-            check_finite(value, log.stage, it)
         opt.zero_grad(set_to_none=True)
         amp.backward(loss, opt)  # several processes: gradients summed over ranks; unscaled on return (fp16)
-        if denom is not None:  # several processes: the loss summed over ranks
-            value = ddp.sum_values(loss.detach())[0]
-            check_finite(value, log.stage, it)
         if step_hook is not None:
             step_hook(it)
         amp.step(opt)
         if post_step is not None:
             post_step(opt.param_groups[0]["lr"])
-        return {"loss": value}
+        return {"loss": loss.detach()}  # on the device; read (NaN check, summed over ranks) by StepValues
 
     st = train_loop(model, model.parameters(), loader, cfg, log,
                     lambda it, total: poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9)), step,
@@ -293,7 +350,7 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
     Returns {"loss", "acc", "iters"}.
 
     Raises:
-        NonFiniteLossError: NaN/inf loss.
+        NonFiniteLossError: NaN/inf loss (as in :func:`train_segmentation`).
     """
     forward = forward or net
     linear = cfg.get("schedule", "linear") == "linear"
@@ -309,18 +366,12 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
             loss = F.cross_entropy(logits, y)
         else:  # this rank's share of the global mean
             loss = F.cross_entropy(logits, y, reduction="sum") / denom
-        # loss and correct count read together: one host sync per step (the count is exact in float64)
-        value, correct = torch.stack([loss.detach().double(), (logits.detach().argmax(1) == y).sum().double()]).tolist()
-        if denom is None:
-            check_finite(value, log.stage, it)
+        correct = (logits.detach().argmax(1) == y).sum()
         opt.zero_grad(set_to_none=True)
-        amp.backward(loss, opt)
-        out = {"loss": value, "correct": correct, "seen": float(y.numel())}
-        if denom is not None:  # several processes: loss and counts summed over ranks (gradients by DDP)
-            out = dict(zip(out, ddp.sum_values(*out.values())))
-            check_finite(out["loss"], log.stage, it)
+        amp.backward(loss, opt)  # several processes: gradients summed over ranks (DDP)
         amp.step(opt)
-        return out
+        # on the device; read (NaN check, summed over ranks; the count exact in float64) by StepValues
+        return {"loss": loss.detach(), "correct": correct, "seen": float(y.numel())}
 
     st = train_loop(net, net.parameters(), loader, cfg, log,
                     lambda it, total: linear_lr(cfg["lr"], it, total) if linear else cfg["lr"], step,

@@ -40,8 +40,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..engine.amp import Amp
-from ..engine import distributed as ddp
-from ..engine.train import LoopState, check_finite, iters_per_epoch, poly_lr, seg_denominator, seg_loss, train_loop
+from ..engine.train import LoopState, iters_per_epoch, poly_lr, seg_denominator, seg_loss, train_loop
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import check_keep_ratio
 from .base import PruningMethod, register_method
@@ -329,16 +328,10 @@ class ACoSP(PruningMethod):
             denom = seg_denominator(y, ignore_index)  # None in a single process
             with amp.autocast():  # train.amp: network and masks in autocast; logits, γ, BN statistics float32
                 loss = run(seg_loss, model, x, y, ignore_index, denom)  # + auxiliary heads (PSPNet, BiSeNet)
-            if denom is None:
-                value = loss.item()  # the step's one host sync: NaN check and logged loss
-                check_finite(value, log.stage, it)
             opt.zero_grad(set_to_none=True)
             amp.backward(loss, opt)  # several processes: weights' and mask logits' gradients summed (DDP)
-            if denom is not None:  # several processes: the loss summed over ranks
-                value = ddp.sum_values(loss.detach())[0]
-                check_finite(value, log.stage, it)
             amp.step(opt)
-            return {"loss": value}
+            return {"loss": loss.detach()}  # on the device; read (NaN check, sum over ranks) by train_loop
 
         tcfg = {"epochs": epochs, "lr": lr0, "max_iters_per_epoch": c["max_iters_per_epoch"]}
         try:
