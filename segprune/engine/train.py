@@ -27,8 +27,8 @@ from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors, restore_rng, rng_state)
 
-__all__ = ["NonFiniteLossError", "READ_EVERY", "StepValues", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "seg_loss",
-           "train_segmentation", "train_classification", "iters_per_epoch", "train_loop", "LoopState"]
+__all__ = ["NonFiniteLossError", "READ_EVERY", "StepValues", "make_loader", "poly_lr", "linear_lr", "set_lr",
+           "make_sgd", "seg_loss", "train_segmentation", "train_classification", "iters_per_epoch", "train_loop", "LoopState"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -192,11 +192,12 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
 
     ``step(x, y, opt, it, run)`` runs one iteration and returns the batch's values to sum (e.g. loss,
     as 0-d tensors left on the device: :class:`StepValues` reads them every :data:`READ_EVERY` steps
-    and checks ``"loss"`` for NaN/inf); it computes its forward as ``run(fn, *args)`` (= ``fn(*args)``; several processes: through
-    ``distributed.data_parallel`` over ``net`` and ``trained``, so that ``backward`` sums the
-    gradients over ranks). ``trained``: further modules whose parameters the step trains besides
-    ``net``'s (ACoSP's mask logits). ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr,
-    momentum, weight_decay); ``extra`` is saved with every in-stage checkpoint and restored on resume. The checkpoint holds the CPU RNG
+    and checks ``"loss"`` for NaN/inf); it computes its forward as ``run(fn, *args)`` (=
+    ``fn(*args)``; several processes: through ``distributed.data_parallel`` over ``net`` and
+    ``trained``, so that ``backward`` sums the gradients over ranks). ``trained``: further modules
+    whose parameters the step trains besides ``net``'s (ACoSP's mask logits). ``opt`` defaults to SGD
+    over ``params`` from ``cfg`` (lr, momentum, weight_decay); ``extra`` is saved with every in-stage
+    checkpoint and restored on resume. The checkpoint holds the CPU RNG
     state and, for a model on a GPU, that device's CUDA RNG state (``resume.rng_state``). Batches are
     moved to the device of ``net``'s first parameter (and, with ``train.channels_last``, to the
     channels-last format, as are ``net`` and ``trained`` during the loop: ``engine.layout``).

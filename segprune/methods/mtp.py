@@ -301,7 +301,7 @@ class MTP:
             value = self._read(loss, read, W1_STAGE)
         self.l1.add_subgradients("w1")       # subgradient mode: α1 (+ growing term) · sign(γ1)
         set_lr(self.opt1, lr)
-        if self.amp1.step(self.opt1, report=True):        # l_cls only: the momentum buffer never holds the coupling
+        if self.amp1.step(self.opt1, report=True):  # l_cls only: the momentum buffer never holds the coupling
             self.couple_(self.p1, self.p3, lr, +1.0)
             self.l1.prox("w1", lr, coupled_lr=lr / (1.0 + lr * self.mu))  # proximal mode: soft-threshold γ1
         return value
@@ -350,7 +350,7 @@ class MTP:
             value = self._read(seg, read, W23_STAGE)
         self.l1.add_subgradients("seg")      # γ2 (α2 + growing term), γ3 (growing term only)
         set_lr(self.opt23, lr)
-        if self.amp23.step(self.opt23, report=True):      # λ l_seg only
+        if self.amp23.step(self.opt23, report=True):  # λ l_seg only
             self.couple_(self.p3, self.p1, lr, -1.0)
             self.l1.prox("seg", lr, coupled_lr=lr / (1.0 + lr * self.mu))
         return value
