@@ -223,7 +223,7 @@ def _toy_worker(rank, world, port, q):
     with ddp.replicated(m), ddp.data_parallel(m, unused) as run:
         classes = [type(mod).__name__ for mod in m]
         denom = ddp.global_count((y != 255).sum())
-        loss = run(lambda: F.cross_entropy(m(x), y, ignore_index=255, reduction="sum") / denom)
+        loss = run(lambda: ddp.share(F.cross_entropy(m(x), y, ignore_index=255, reduction="sum"), denom))
         loss.backward()
         total = ddp.sum_values(loss.detach())[0]
         engine = type(run).__name__

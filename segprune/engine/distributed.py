@@ -14,8 +14,9 @@ How a k-process run reproduces the 1-process run at the same *global* batch B:
   contiguous slice ``[r B/k, (r+1) B/k)`` of each. ``LoaderCursor`` (in-stage resume) saves and
   restores the same generator, so a checkpoint written at one world size resumes at another.
 * **loss**: a rank's loss is its *sum* over samples (segmentation: over non-ignored pixels)
-  divided by the global count (:func:`global_count`), so the sum over ranks is the 1-process mean
-  even when the ranks hold different numbers of ignored pixels.
+  divided by the global count (:func:`global_count`, :func:`share`; the count stays on the device),
+  so the sum over ranks is the 1-process mean even when the ranks hold different numbers of ignored
+  pixels.
 * **gradients**: torch's ``DistributedDataParallel`` (:func:`data_parallel`) over the modules a
   loop trains (MTP: one engine for W1, one for the segmentation network; ACoSP: the network and
   its mask logits), on every backend (gloo on the CPU, nccl on GPUs), with a communication hook that
@@ -68,7 +69,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 __all__ = ["launched", "launch", "init", "teardown", "active", "is_main", "rank", "world", "device", "barrier",
            "all_true", "broadcast_object", "broadcast_module", "gather_object", "ShardedBatchSampler", "shard_sizes",
-           "train_loader", "RankShard", "eval_loader", "is_sharded", "sum_over_ranks", "global_count", "sum_values",
+           "train_loader", "RankShard", "eval_loader", "is_sharded", "sum_over_ranks", "global_count", "share", "sum_values",
            "mean_over_ranks", "direct", "data_parallel", "replicated", "unwrap", "state_digest", "to_device"]
 
 _STATE = {"rank": 0, "world": 1, "local_rank": 0, "device": torch.device("cpu"), "sync_bn": True, "owner": False}
@@ -310,16 +311,29 @@ def is_sharded(loader) -> bool:
 
 
 # ---- reductions ----------------------------------------------------------------------------------
-def global_count(n) -> float | None:
-    """Sum over ranks of a count (a number or a 0-d tensor); ``None`` in a single process.
+def global_count(n) -> torch.Tensor | None:
+    """Sum over ranks of a count (a number, or a 0-d tensor on any device) as a 0-d float64 tensor on
+    the backend's device (nccl: this rank's GPU; gloo: the CPU), read by nobody: no host
+    synchronisation. ``None`` in a single process.
 
-    Used as the denominator of a rank's summed loss, so that the losses add up to the 1-process mean.
+    Used as the denominator of a rank's summed loss (:func:`share`), so that the losses add up to the
+    1-process mean.
     """
     if not active():
         return None
-    t = torch.as_tensor(n, dtype=torch.float64).detach().reshape(1).to(_comm_device())
+    comm = _comm_device()
+    if isinstance(n, torch.Tensor):
+        t = n.detach().to(torch.float64).reshape(1).to(comm)
+    else:  # a fill on the device, not a copy from host memory (which would wait for the GPU)
+        t = torch.full((1,), float(n), dtype=torch.float64, device=comm)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.reshape(())
+
+
+def share(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` in ``total``'s dtype: a rank's summed loss as its share of the global mean
+    (``count`` from :func:`global_count`, cast to ``total``'s dtype first, as a Python number is)."""
+    return total / count.to(total.dtype)
 
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -263,7 +263,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int,
-             denom: float | None = None) -> torch.Tensor:
+             denom: torch.Tensor | float | None = None) -> torch.Tensor:
     """Segmentation loss of ``model`` on images x (N, 3, H, W) and labels y (N, H, W), ignore index excluded.
 
     ``CE(model(x), y)``; for a model in train mode with auxiliary heads (``forward_aux`` and
@@ -272,7 +272,8 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
     context heads, BiSeNet paper Eq. 2). Models without auxiliary heads take exactly the plain path.
 
     ``denom`` (several processes): every CE is the *sum* over this rank's non-ignored pixels divided
-    by ``denom``, the global number of non-ignored pixels, so that the ranks' losses add up to the
+    by ``denom`` (a 0-d tensor, :func:`seg_denominator`, or a number), the global number of
+    non-ignored pixels, so that the ranks' losses add up to the
     1-process mean. ``None``: the mean over ``y``'s non-ignored pixels (a single process).
 
     Raises:
@@ -283,7 +284,8 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
             logits = logits.float()
         if denom is None:
             return F.cross_entropy(logits, y, ignore_index=ignore_index)
-        return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum") / denom
+        total = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
+        return ddp.share(total, torch.as_tensor(denom))
 
     weights = getattr(model, "aux_weights", None)
     if not weights or not model.training or not hasattr(model, "forward_aux"):
@@ -297,8 +299,9 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
     return loss
 
 
-def seg_denominator(y: torch.Tensor, ignore_index: int) -> float | None:
-    """Global number of non-ignored pixels of the ranks' label batches (``None`` in a single process)."""
+def seg_denominator(y: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Global number of non-ignored pixels of the ranks' label batches, a 0-d float64 tensor left on
+    the device (``distributed.global_count``; ``None`` in a single process)."""
     return ddp.global_count((y != ignore_index).sum()) if ddp.active() else None
 
 
@@ -366,7 +369,7 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
         if denom is None:
             loss = F.cross_entropy(logits, y)
         else:  # this rank's share of the global mean
-            loss = F.cross_entropy(logits, y, reduction="sum") / denom
+            loss = ddp.share(F.cross_entropy(logits, y, reduction="sum"), denom)
         correct = (logits.detach().argmax(1) == y).sum()
         opt.zero_grad(set_to_none=True)
         amp.backward(loss, opt)  # several processes: gradients summed over ranks (DDP)

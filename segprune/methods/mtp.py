@@ -293,7 +293,7 @@ class MTP:
         if denom is None:
             loss = F.cross_entropy(logits, y)
         else:  # this rank's share of the global mean
-            loss = F.cross_entropy(logits, y, reduction="sum") / denom
+            loss = ddp.share(F.cross_entropy(logits, y, reduction="sum"), denom)
         value = self._read(loss, read and denom is None, W1_STAGE)  # single process: checked before the step
         self.opt1.zero_grad(set_to_none=True)
         self.amp1.backward(loss, self.opt1)  # several processes: l_cls's gradients summed over ranks (DDP)
