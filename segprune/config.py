@@ -70,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": None,
         # mixed precision of every training loop (segprune/engine/amp.py): off | bf16 | fp16 (CUDA only)
         "amp": "off",
+        # NHWC memory format of the trained modules and images in every training loop (segprune/engine/layout.py)
+        "channels_last": False,
         "pretrain_cls": {**_opt(10, 0.1), "schedule": "linear"},
         "seg": {**_opt(30, 0.01), "power": 0.9},
     },
@@ -289,6 +291,7 @@ def validate(cfg: dict, raise_error: bool = True) -> list[str]:
     need(cfg["train"]["seed"] is None or _num(cfg["train"]["seed"], int), "train.seed", "must be null or an integer")
     need(cfg["train"].get("amp", "off") in ("off", "bf16", "fp16"), "train.amp",
          "must be off, bf16 or fp16 (fp16 needs CUDA)")
+    need(isinstance(cfg["train"].get("channels_last", False), bool), "train.channels_last", "must be true or false")
     need(cfg["threads"] is None or (_num(cfg["threads"], int) and cfg["threads"] > 0), "threads", "must be null or a positive integer")
     m = cfg["model"]
     need(_num(m["width"]) and m["width"] > 0, "model.width", "must be > 0")

@@ -44,6 +44,7 @@ from .config import DEFAULTS, ConfigError, merge, read_yaml_mapping, validate
 from .data import build_cls_dataset, build_seg_dataset, cls_num_classes, seg_num_classes
 from .engine import distributed as ddp
 from .engine.amp import amp_mode
+from .engine.layout import channels_last_mode
 from .engine.device import describe_device, resolve_device, strict_fp32
 from .engine.evaluate import evaluate_classification, evaluate_segmentation
 from .engine.log import StageLog
@@ -147,6 +148,8 @@ def stage_fingerprints(cfg: dict) -> dict[str, str]:
     }
     if cfg["train"].get("amp", "off") != "off":  # mixed precision changes every training stage from the first on
         parts["pretrain_cls"]["amp"] = cfg["train"]["amp"]
+    if cfg["train"].get("channels_last"):  # other kernels, other rounding in every training stage
+        parts["pretrain_cls"]["channels_last"] = True
     budget = training_budget(cfg)  # γ methods with the growing ℓ1 schedule train for the budget
     if budget is not None:
         parts["sparsity"]["budget"] = budget
@@ -428,7 +431,8 @@ class Pipeline:
         # every stage gets fresh loaders (data order independent of which stages ran in this process)
         run = _RunState(*self._eval_loaders())
         for stage in STAGES:
-            with amp_mode(self.cfg["train"].get("amp", "off")):  # training loops read it (engine/amp.py)
+            # training loops read them (engine/amp.py, engine/layout.py)
+            with amp_mode(self.cfg["train"].get("amp", "off")), channels_last_mode(self.cfg["train"].get("channels_last")):
                 getattr(self, f"_stage_{stage}")(run)
             if stage == stop_after:
                 return None

@@ -51,7 +51,8 @@ TRAIN_STAGES = ("01_pretrain_cls", "02_train_seg", "03_sparsity", "05_finetune_c
 
 #: Relative tolerance of the float64 run comparisons (training losses, MTP's ||W1 - W3||, weights
 #: per tensor against the tensor's largest entry). Measured, 1 vs 2 processes and SSE4.1 vs AVX2
-#: kernels: at most 2.4e-13 (weights), 1.4e-15 (losses), 6e-16 (||W1 - W3||). 1e-9 leaves a margin
+#: kernels: at most 2.4e-13 (weights; 1.9e-13 since DistributedDataParallel is the engine), 1.4e-15
+#: (losses), 6e-16 (||W1 - W3||). 1e-9 leaves a margin
 #: of 4000 over that, and lies 3 to 8 orders of magnitude below the float32 spread of the same
 #: comparison (3e-8 to 1e-1), so a run that silently computed in float32 fails it.
 F64_REL = 1e-9
@@ -215,25 +216,30 @@ def _toy_worker(rank, world, port, q):
     torch.set_num_threads(1)
     ddp.init("gloo", 60, True, False)
     m, (x, y) = _toy(), _toy_data()
+    unused = nn.Linear(3, 2)  # trained alongside, never reached by the loss (as a segmentation net's fc head)
     n = x.shape[0] // world
     x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
     torch.manual_seed(1)
-    with ddp.replicated(m):
+    with ddp.replicated(m), ddp.data_parallel(m, unused) as run:
         classes = [type(mod).__name__ for mod in m]
         denom = ddp.global_count((y != 255).sum())
-        loss = F.cross_entropy(m(x), y, ignore_index=255, reduction="sum") / denom
+        loss = run(lambda: ddp.share(F.cross_entropy(m(x), y, ignore_index=255, reduction="sum"), denom))
         loss.backward()
-        total = ddp.sync_grads(m.parameters(), loss)[0]
+        total = ddp.sum_values(loss.detach())[0]
+        engine = type(run).__name__
     res = {"loss": total, "grads": [p.grad.numpy().copy() for p in m.parameters()],
            "running": [t.numpy().copy() for k, t in m.state_dict().items() if "running" in k],
-           "inside": classes, "after": [type(mod).__name__ for mod in m], "rng": torch.get_rng_state().numpy().copy()}
+           "inside": classes, "after": [type(mod).__name__ for mod in m], "rng": torch.get_rng_state().numpy().copy(),
+           "engine": engine, "unused_grad": [p.grad for p in unused.parameters()]}
     q.put((rank, res))
     ddp.teardown()
 
 
 def test_sync_batchnorm_dropout_and_gradient_sum_match_the_global_batch():
-    """torch.nn.SyncBatchNorm refuses CPU tensors (torch 2.13); segprune's replacement, the rank-sliced
-    dropout masks and the loss share + gradient sum give the 1-process step of the global batch."""
+    """torch.nn.SyncBatchNorm refuses CPU tensors (torch 2.13, 2.14); segprune's replacement, the
+    rank-sliced dropout masks and the loss share + torch's DistributedDataParallel (gloo, gradients
+    summed by segprune's communication hook) give the 1-process step of the global batch; a
+    parameter no rank's loss reaches keeps ``grad = None`` (SGD skips it, as in one process)."""
     import numpy as np
     import torch.multiprocessing as mp
     import torch.nn.functional as F
@@ -258,6 +264,8 @@ def test_sync_batchnorm_dropout_and_gradient_sum_match_the_global_batch():
     for r in (0, 1):
         g = got[r]
         assert "ReplicatedBatchNorm2d" in g["inside"] and "ReplicatedDropout" in g["inside"]
+        assert g["engine"] == "DistributedDataParallel"
+        assert g["unused_grad"] == [None, None]
         assert g["after"] == [type(mod).__name__ for mod in m]  # plain classes again after the loop
         assert abs(g["loss"] - ref["loss"]) < 1e-6
         for a, b in zip(g["grads"], ref["grads"]):
@@ -277,6 +285,39 @@ def _sync_bn_refuses_cpu():
         nn.SyncBatchNorm(4).train()(torch.randn(2, 4, 3, 3))
     finally:
         dist.destroy_process_group()
+
+
+def test_on_cuda_batchnorms_become_torch_syncbatchnorm(monkeypatch):
+    """The CUDA path of ``replicated`` (selected here by hand: no GPU): every BatchNorm *is* a
+    ``torch.nn.SyncBatchNorm`` inside the loop, in the state ``convert_sync_batchnorm`` would build
+    (same attributes, ``process_group`` None), and torch's implementation runs (on the CPU it raises
+    its own error); unlike ``convert_sync_batchnorm``, the module objects, their tensors and their
+    forward hooks (ACoSP's masks, CAP's and SIRFP's statistics) are kept, and the plain classes come
+    back on exit."""
+    import torch.distributed as dist
+    monkeypatch.setattr(ddp, "_torch_sync_bn", lambda: True)  # what a rank on a CUDA device selects
+    monkeypatch.setitem(ddp._STATE, "world", 2)
+    m, (x, _) = _toy(), _toy_data()
+    bn = m[1]
+    calls = []
+    bn.register_forward_hook(lambda mod, inp, out: calls.append(type(mod)))
+    ref = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m))[1]
+    assert len(ref._forward_hooks) == 0  # convert_sync_batchnorm builds a new module: the hook is lost
+    tensors = {k: t.data_ptr() for k, t in m.state_dict().items()}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with ddp.replicated(m):
+            assert type(m[1]) is nn.SyncBatchNorm and type(m[5]) is nn.SyncBatchNorm and m[1] is bn
+            assert sorted(vars(bn)) == sorted(vars(ref)) and bn.process_group is None
+            with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+                m(x)  # torch's SyncBatchNorm, in train mode under a process group
+            m.eval()
+            m(x)
+        assert calls == [nn.SyncBatchNorm]  # the hook ran on the converted layer (eval: no sync)
+    finally:
+        dist.destroy_process_group()
+    assert type(bn) is nn.BatchNorm2d and "process_group" not in vars(bn)
+    assert {k: t.data_ptr() for k, t in m.state_dict().items()} == tensors  # the same storage
 
 
 # ---- the pipeline: 1 process vs 2 processes --------------------------------------------------------

@@ -10,8 +10,14 @@ makes after ``backward`` (ℓ1 sub-gradients, MTP's coupling terms, CAP's guidan
 gradients, because :meth:`Amp.backward` unscales them before returning. fp16 needs CUDA; bf16 runs
 on the CPU too (what the tests use). Evaluation always runs in float32.
 
-Not yet under autocast (they run in float32 whatever the mode, and say so in their log): MTP's
-sparsity steps and ACoSP's mask training.
+Every training loop uses it: pre-training, segmentation training, the baselines' sparsity training,
+fine-tuning, MTP's W1 step (Eq. 7) and W2/W3 step (Eqs. 8-9), each with its own loss scale (its own
+optimizer), and ACoSP's mask training. MTP's coupling step, proximal ℓ1 step and multiplier update
+(Eq. 10) act on the float32 parameters outside autocast, after the optimiser step; with fp16, an
+iteration whose gradient overflowed skips them as well (:meth:`Amp.step` returns False). ACoSP's
+mask logits stay float32 (the mask is computed from them and cast to the activation's dtype).
+Several processes: the gradients are summed over ranks during ``backward`` (DistributedDataParallel),
+before the unscale, so every rank sees the same inf/NaN check and skips the same steps.
 """
 from __future__ import annotations
 
@@ -87,10 +93,18 @@ class Amp:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(opt)
 
-    def step(self, opt: torch.optim.Optimizer) -> None:
-        """``opt.step()``; with fp16 skipped when a gradient is inf/NaN, and the scale updated."""
+    def step(self, opt: torch.optim.Optimizer, report: bool = False) -> bool:
+        """``opt.step()``; with fp16 skipped when a gradient is inf/NaN, and the scale updated.
+
+        Returns:
+            True if the step was taken, False if fp16 skipped it. Without fp16 always True. With fp16
+            and ``report``, known from the loss scale (``GradScaler.update`` lowers it exactly when a
+            gradient was inf/NaN; two host syncs, so only MTP asks); without ``report``, True.
+        """
         if self.scaler is None:
             opt.step()
-            return
+            return True
+        before = self.scaler.get_scale() if report else None
         self.scaler.step(opt)
         self.scaler.update()
+        return True if before is None else self.scaler.get_scale() >= before

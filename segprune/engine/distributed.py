@@ -14,23 +14,28 @@ How a k-process run reproduces the 1-process run at the same *global* batch B:
   contiguous slice ``[r B/k, (r+1) B/k)`` of each. ``LoaderCursor`` (in-stage resume) saves and
   restores the same generator, so a checkpoint written at one world size resumes at another.
 * **loss**: a rank's loss is its *sum* over samples (segmentation: over non-ignored pixels)
-  divided by the global count (:func:`global_count`), so the sum over ranks is the 1-process mean
-  even when the ranks hold different numbers of ignored pixels.
-* **gradients**: :func:`sync_grads` sums every ``.grad`` over ranks (one flat all-reduce per dtype)
-  right after ``backward`` and before any hook that reads ``.grad``; every replica then takes the
-  same optimiser step, so weights, MTP's multipliers E and μ (computed from W1 - W3) and every
-  other derived state stay identical without being communicated. No ``DistributedDataParallel``
-  wrapper is used: the training loops modify gradients between backward and step (MTP's coupling
-  terms, ℓ1 sub-gradients), the wrapped model would prefix its keys with ``module.``, and an
-  explicit all-reduce keeps the code path the same for every loop. Checkpoints therefore hold the
-  plain model (no ``module.`` prefix; :func:`unwrap` strips one anyway) and load at any world size.
+  divided by the global count (:func:`global_count`, :func:`share`; the count stays on the device),
+  so the sum over ranks is the 1-process mean even when the ranks hold different numbers of ignored
+  pixels.
+* **gradients**: torch's ``DistributedDataParallel`` (:func:`data_parallel`) over the modules a
+  loop trains (MTP: one engine for W1, one for the segmentation network; ACoSP: the network and
+  its mask logits), on every backend (gloo on the CPU, nccl on GPUs), with a communication hook that
+  *sums* the gradients (DDP's default averages them). The all-reduce overlaps the backward pass and
+  has completed when ``backward`` returns, before anything reads ``.grad`` (MTP's coupling and ℓ1
+  steps, ℓ1 sub-gradients, CAP's guidance, the fp16 ``unscale_``); every replica then takes the same
+  optimiser step, so weights, MTP's multipliers E and μ (computed from W1 - W3) and every other
+  derived state stay identical without being communicated. The DDP wrapper lives only inside the
+  loop and forwards the step's own function: the models are never replaced by it, so checkpoints
+  hold the plain model (no ``module.`` prefix; :func:`unwrap` strips one anyway) and load at any
+  world size. The loss values a loop logs are summed over ranks by ``engine.train.StepValues`` (every
+  ``READ_EVERY`` steps; a direct ``MTP.step_w1`` call: :func:`sum_values`).
 * **BatchNorm**: inside the training loops (:func:`replicated`) every ``nn.BatchNorm1d/2d/3d`` in
   train mode normalises with the statistics of the *global* batch (``distributed.sync_bn``,
-  default true). ``torch.nn.SyncBatchNorm`` refuses CPU tensors (torch 2.13: "SyncBatchNorm
-  expected input tensor to be on GPU"), so the sync is implemented here for every device
-  (``_SyncBNFunction``): one all-reduce in the forward (per-channel sum, sum of squares and
-  count, in float64) and one in the backward (per-channel sums of dy and dy·x̂), the exact
-  gradient of the global-batch normalisation. Running statistics use the global mean and
+  default true). On CUDA the layers become ``torch.nn.SyncBatchNorm`` for the loop. On the CPU
+  ``torch.nn.SyncBatchNorm`` refuses the tensors ("SyncBatchNorm expected input tensor to be on
+  GPU"), so the sync is implemented here (``_SyncBNFunction``): one all-reduce in the forward
+  (per-channel sum, sum of squares and count, in float64) and one in the backward (per-channel
+  sums of dy and dy·x̂), the exact gradient of the global-batch normalisation. Running statistics use the global mean and
   unbiased variance.
   The modules are switched by changing their class for the duration of the loop and switched
   back afterwards (same objects, parameters, buffers and hooks; ``state_dict`` keys unchanged),
@@ -53,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import inspect
 import os
 from typing import Iterable, Iterator
 
@@ -63,8 +69,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 __all__ = ["launched", "launch", "init", "teardown", "active", "is_main", "rank", "world", "device", "barrier",
            "all_true", "broadcast_object", "broadcast_module", "gather_object", "ShardedBatchSampler", "shard_sizes",
-           "train_loader", "RankShard", "eval_loader", "is_sharded", "sum_over_ranks", "global_count", "sync_grads",
-           "mean_over_ranks", "replicated", "unwrap", "state_digest", "to_device"]
+           "train_loader", "RankShard", "eval_loader", "is_sharded", "sum_over_ranks", "global_count", "share", "sum_values",
+           "mean_over_ranks", "direct", "data_parallel", "replicated", "unwrap", "state_digest", "to_device"]
 
 _STATE = {"rank": 0, "world": 1, "local_rank": 0, "device": torch.device("cpu"), "sync_bn": True, "owner": False}
 
@@ -283,7 +289,8 @@ def train_loader(ds: Dataset, batch_size: int, seed: int, num_workers: int = 0, 
     bs = BatchSampler(RandomSampler(ds, generator=gen), int(batch_size), drop_last)
     r = rank() if rank_ is None else int(rank_)
     w = world() if world_ is None else int(world_)
-    return DataLoader(ds, batch_sampler=ShardedBatchSampler(bs, r, w), num_workers=num_workers, generator=gen)
+    return DataLoader(ds, batch_sampler=ShardedBatchSampler(bs, r, w), num_workers=num_workers, generator=gen,
+                      pin_memory=device().type == "cuda")  # page-locked batches for the non-blocking copy
 
 
 class RankShard(Subset):
@@ -295,7 +302,7 @@ def eval_loader(ds: Dataset, batch_size: int, num_workers: int = 0) -> DataLoade
     sizes = shard_sizes(len(ds), world())
     start = sum(sizes[:rank()])
     return DataLoader(RankShard(ds, range(start, start + sizes[rank()])), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers)
+                      num_workers=num_workers, pin_memory=device().type == "cuda")
 
 
 def is_sharded(loader) -> bool:
@@ -304,16 +311,29 @@ def is_sharded(loader) -> bool:
 
 
 # ---- reductions ----------------------------------------------------------------------------------
-def global_count(n) -> float | None:
-    """Sum over ranks of a count (a number or a 0-d tensor); ``None`` in a single process.
+def global_count(n) -> torch.Tensor | None:
+    """Sum over ranks of a count (a number, or a 0-d tensor on any device) as a 0-d float64 tensor on
+    the backend's device (nccl: this rank's GPU; gloo: the CPU), read by nobody: no host
+    synchronisation. ``None`` in a single process.
 
-    Used as the denominator of a rank's summed loss, so that the losses add up to the 1-process mean.
+    Used as the denominator of a rank's summed loss (:func:`share`), so that the losses add up to the
+    1-process mean.
     """
     if not active():
         return None
-    t = torch.as_tensor(n, dtype=torch.float64).detach().reshape(1).to(_comm_device())
+    comm = _comm_device()
+    if isinstance(n, torch.Tensor):
+        t = n.detach().to(torch.float64).reshape(1).to(comm)
+    else:  # a fill on the device, not a copy from host memory (which would wait for the GPU)
+        t = torch.full((1,), float(n), dtype=torch.float64, device=comm)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.reshape(())
+
+
+def share(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` in ``total``'s dtype: a rank's summed loss as its share of the global mean
+    (``count`` from :func:`global_count`, cast to ``total``'s dtype first, as a Python number is)."""
+    return total / count.to(total.dtype)
 
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -333,55 +353,97 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return (y / world()).to(x.device, x.dtype)
 
 
-def _grad_params(params) -> list[torch.Tensor]:
-    if isinstance(params, torch.optim.Optimizer):
-        params = [p for g in params.param_groups for p in g["params"]]
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-@torch.no_grad()
-def sync_grads(params, *values) -> list[float]:
-    """Sum ``p.grad`` over ranks in place for every parameter of ``params`` (an optimizer or an
-    iterable) that has one, and sum ``values`` (numbers or 0-d tensors, e.g. a rank's loss share);
-    return the summed values as floats.
-
-    Parameters whose ``.grad`` is ``None`` are skipped (as SGD skips them), on every rank alike:
-    all ranks run the same code on the same model. A rank whose set of gradients differs (another
-    model or code path) is detected before any gradient is sent and stops every rank.
-
-    In a single process: nothing is changed and ``values`` are returned as floats.
-    """
+def sum_values(*values) -> list[float]:
+    """Sums over ranks of ``values`` (numbers or 0-d tensors on any device, e.g. a rank's loss share and
+    counts), as floats, in one float64 all-reduce; in a single process the values themselves as floats.
+    One host synchronisation either way."""
     vals = [float(v) for v in values]
     if not active():
         return vals
-    ps = [p for p in _grad_params(params) if p.grad is not None]
-    numel = sum(p.grad.numel() for p in ps)
-    comm = _comm_device()
-    head = torch.tensor(vals + [float(len(ps)), float(numel)], dtype=torch.float64, device=comm)
-    check = torch.tensor([float(len(ps)), float(numel)], dtype=torch.float64, device=comm)
-    dist.all_reduce(head)
-    lo = check.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    if not torch.equal(lo * world(), head[-2:]):
-        raise RuntimeError("sync_grads: the ranks hold different sets of gradients (not the same model/code path)")
-    buckets: dict[tuple, list[torch.Tensor]] = {}
-    for p in ps:
-        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p)
-    for (dtype, dev), group in buckets.items():
-        flat = torch.cat([p.grad.reshape(-1) for p in group]).to(comm)
-        dist.all_reduce(flat)
-        flat = flat.to(dev)
-        i = 0
-        for p in group:
-            n = p.grad.numel()
-            p.grad.copy_(flat[i:i + n].view_as(p.grad))
-            i += n
-    return [float(v) for v in head[:len(vals)].tolist()]
+    t = torch.tensor(vals, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+# ---- gradients: torch's DistributedDataParallel ------------------------------------------------------
+def _sum_hook(state, bucket):
+    """DDP communication hook (``hook(state, bucket: dist.GradBucket) -> Future[Tensor]``; no annotations,
+    DDP compares them by identity): the bucket's gradients **summed** over ranks. DDP's default divides
+    by the world size; the training loops make every rank's loss its share of the global mean
+    (:func:`global_count`), so the sum is the 1-process gradient, bit for bit the sum the loss shares
+    define (no extra multiplication or division)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+class _Trained(nn.Module):
+    """The modules whose gradients one DDP instance synchronises. ``forward(fn, *args)`` is ``fn(*args)``:
+    the training step's own forward (the model, its auxiliary heads, ``forward_cls``, a loss) runs through
+    DDP's ``forward`` without DDP having to know it. Never saved (the modules keep their own names)."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+def direct(fn, *args):
+    """``fn(*args)``: the ``run`` of :func:`data_parallel` in a single process (nothing synchronised)."""
+    return fn(*args)
+
+
+def _ddp_buffer_kw() -> dict:
+    """No buffer broadcast before every forward (the BN running statistics are those of the global batch
+    on every rank with ``sync_bn``, and rank-local without, as before DDP was used). torch >= 2.13 names
+    the option ``forward_sync_buffers`` (``broadcast_buffers`` is deprecated there)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+@contextlib.contextmanager
+def data_parallel(*modules: nn.Module):
+    """Inside: ``run(fn, *args)`` returns ``fn(*args)``, computed so that the ``backward`` of its result
+    leaves on every rank the gradients of ``modules``' parameters **summed over ranks** (a
+    ``torch.nn.parallel.DistributedDataParallel`` over ``modules``, all-reduce overlapped with the
+    backward pass). In a single process ``run`` is a plain call (nothing changes).
+
+    ``fn`` must use the parameters only through autograd-visible computation and may return any
+    structure of tensors (logits, (main, aux) tuples, a loss). Use one ``run`` per forward/backward
+    pair; ``loss.backward()`` returns once the sums are in ``.grad``, so whatever runs after it
+    (MTP's coupling and ℓ1 steps, ℓ1 sub-gradients, CAP's guidance, ``GradScaler.unscale_``) sees the
+    synchronised gradient.
+
+    Settings and why:
+
+    * summed, not averaged (:func:`_sum_hook`): the loss normalisation of the loops
+      (:func:`global_count`) makes the sum the 1-process gradient;
+    * ``find_unused_parameters=True``: which parameters a step reaches depends on the model and the
+      method (the classification head ``fc`` in segmentation training, the unused decoder of MTP's W1
+      copy of a ``segprune.api`` model, ACoSP's logits of units that keep every channel or once the
+      mask is hard). DDP then leaves the ``.grad`` of a parameter unused on every rank untouched
+      (``None`` after ``zero_grad(set_to_none=True)``), so SGD skips it, as in one process;
+    * no buffer broadcast before each forward (:func:`_ddp_buffer_kw`); parameters and buffers are
+      broadcast from rank 0 once, when the engine is built (DDP's ``init_sync``), after the shapes have
+      been compared across ranks (a rank with another model fails there);
+    * on CUDA, ``device_ids=[LOCAL_RANK]``.
+
+    Parameters changed outside autograd (MTP's coupling and proximal ℓ1 steps, E, μ) are not
+    communicated: every rank applies the same update to the same values. ``no_sync`` is not used
+    (every backward is followed by an optimiser step, no gradient accumulation).
+    """
+    if not active():
+        yield direct
+        return
+    dev = _STATE["device"]
+    kw = {"device_ids": [dev.index if dev.index is not None else _STATE["local_rank"]]} if dev.type == "cuda" else {}
+    engine = nn.parallel.DistributedDataParallel(_Trained(modules), find_unused_parameters=True,
+                                                 **_ddp_buffer_kw(), **kw)
+    engine.register_comm_hook(None, _sum_hook)
+    try:
+        yield engine
+    finally:
+        del engine  # its reducer's autograd hooks go with it
 
 
 # ---- BatchNorm sync and rank-sliced dropout inside the training loops ------------------------------
@@ -474,10 +536,19 @@ class _SlicedDropoutMixin:
 
 
 _SWAPS: dict[type, type] = {}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _torch_sync_bn() -> bool:
+    """True when BatchNorms are synchronised by ``torch.nn.SyncBatchNorm`` (this rank's device is CUDA);
+    False on the CPU, where torch's refuses the tensors and :class:`_SyncBNMixin` does it."""
+    return _STATE["device"].type == "cuda"
 
 
 def _swapped(cls: type) -> type | None:
-    if cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    if cls in _BATCHNORMS:
+        if _torch_sync_bn():
+            return nn.SyncBatchNorm
         mixin, attrs = _SyncBNMixin, {}
     elif cls is nn.Dropout:
         mixin, attrs = _SlicedDropoutMixin, {"feature": False}
@@ -497,6 +568,14 @@ def replicated(*modules: nn.Module):
     rank-sliced global masks. The modules keep their identity, parameters, buffers, hooks and
     ``state_dict`` keys; their classes are restored on exit (also on errors). Subclasses of these
     layers (a user's own BatchNorm) are left alone. No-op in a single process.
+
+    BatchNorm on CUDA: the layer *becomes* a ``torch.nn.SyncBatchNorm`` (its class is set to it and
+    ``process_group`` to ``None``, the default group: the state ``SyncBatchNorm.convert_sync_batchnorm``
+    gives a new module, which holds the same parameter and buffer tensors). The module is not replaced
+    as ``convert_sync_batchnorm`` replaces it, because the methods hold the BatchNorm modules
+    themselves: ACoSP's masks, CAP's guidance and SIRFP's statistics are forward hooks on them, and
+    the pruning units name them. On the CPU, segprune's own ``_SyncBNFunction`` (torch's refuses CPU
+    tensors).
     """
     if not active():
         yield
@@ -506,10 +585,15 @@ def replicated(*modules: nn.Module):
         for root in modules:
             for m in root.modules():
                 new = _swapped(type(m))
-                if new is not None:
-                    changed.append((m, type(m)))
-                    m.__class__ = new
+                if new is None or (new is nn.SyncBatchNorm and not _STATE["sync_bn"]):
+                    continue
+                changed.append((m, type(m)))
+                m.__class__ = new
+                if new is nn.SyncBatchNorm:
+                    m.process_group = None
         yield
     finally:
         for m, cls in changed:
+            if type(m) is nn.SyncBatchNorm:
+                del m.process_group
             m.__class__ = cls

@@ -5,9 +5,10 @@ seeded ``torch.Generator``, augmentation from per-sample seeds, see ``segprune.d
 
 Under ``torchrun`` (``engine.distributed``) the same loops run data-parallel: each rank trains on
 its slice of every global batch (``make_loader(..., shard=True)``), its loss is its share of the
-global mean, gradients are summed over ranks after ``backward`` and before any step hook reads
-them, and BatchNorm/dropout see the global batch (``distributed.replicated``). In a single process
-none of this code runs.
+global mean, the forward runs through torch's ``DistributedDataParallel``
+(``distributed.data_parallel``), which sums the gradients over ranks during ``backward``, before
+any step hook reads them, and BatchNorm/dropout see the global batch (``distributed.replicated``).
+In a single process none of this code runs.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as ddp
 from .amp import Amp
+from .layout import training_layout
 from .log import StageLog
 from .resume import (LoaderCursor, StageCheckpoint, fault_point, load_module_tensors, load_optimizer_tensors,
                      module_tensors, optimizer_tensors, restore_rng, rng_state)
 
-__all__ = ["NonFiniteLossError", "make_loader", "poly_lr", "linear_lr", "set_lr", "make_sgd", "seg_loss",
-           "train_segmentation", "train_classification", "iters_per_epoch", "train_loop", "LoopState"]
+__all__ = ["NonFiniteLossError", "READ_EVERY", "StepValues", "make_loader", "poly_lr", "linear_lr", "set_lr",
+           "make_sgd", "seg_loss", "train_segmentation", "train_classification", "iters_per_epoch", "train_loop", "LoopState"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,10 +56,19 @@ def loader_speedups(num_workers: int) -> dict:
     """``DataLoader`` options that only change speed: ``pin_memory`` when CUDA is available (page-locked
     host batches, copied to the GPU with ``non_blocking=True``).
 
-    ``persistent_workers`` is deliberately not used: every sample is augmented from a seed of its own
-    index and the dataset's epoch (``set_epoch`` in the main process before each epoch), and persistent
-    worker processes would keep the dataset copy of the first epoch, silently repeating its
-    augmentation; re-spawned workers (the default) see the new epoch."""
+    ``persistent_workers`` is deliberately not used, for two reasons (torch 2.14's DataLoader):
+
+    * every sample is augmented from a seed of its own index and the dataset's epoch (``set_epoch`` in
+      the main process before each epoch); persistent worker processes keep the dataset copy of the
+      first epoch and would silently repeat its augmentation; re-spawned workers see the new epoch;
+    * the DataLoader draws its workers' base seed from ``loader.generator`` when it creates an
+      iterator; persistent workers reuse the first iterator, so from the second epoch on the generator
+      would no longer advance by that draw and the shuffling would differ from a run with
+      ``num_workers: 0`` or with re-spawned workers, and from a resumed run (whose first iterator, in a
+      later epoch, does draw), breaking the bitwise resume.
+
+    Fixing both needs the epoch in shared memory in every dataset class and an emulated seed draw per
+    epoch (private DataLoader state); not done. The cost is one worker start-up per epoch."""
     return {"pin_memory": bool(torch.cuda.is_available())}
 
 
@@ -97,6 +108,66 @@ def check_finite(loss: torch.Tensor | float, stage: str, step: int) -> None:
                                  f"lower the learning rate (the last good checkpoint is kept)")
 
 
+#: training losses (and counts) stay on the device and are read on the host every this many steps, before
+#: every in-stage checkpoint and at the end of every epoch (:class:`StepValues`)
+READ_EVERY = 10
+
+
+class StepValues:
+    """Per-step values of a training loop (losses, counts) kept where they were computed (0-d tensors on
+    the model's device, or numbers) and read on the host every ``every`` steps (:meth:`add`) or when
+    :meth:`flush` is called: one host synchronisation per read instead of one per step.
+
+    A read stacks the pending values into one float64 tensor (steps, keys), sums it over ranks in a
+    multi-process run (each value is a rank's share of a global mean or count), reads it, checks the
+    ``checked`` keys step by step (:class:`NonFiniteLossError` names the first bad step) and adds the
+    values to :attr:`sums` in step order: the sums are bitwise those of reading every step.
+
+    A NaN/inf loss is therefore noticed up to ``every - 1`` steps late; the loops flush before every
+    in-stage checkpoint, so the checkpoint on disk stays the last good one.
+
+    Args:
+        checked: key -> the stage label of the error message (e.g. ``{"loss": "train_seg"}``).
+        sums: running sums to continue (a resumed epoch); default empty.
+        every: steps between reads (>= 1).
+    """
+
+    def __init__(self, checked: dict[str, str], sums: dict | None = None, every: int = READ_EVERY):
+        self.checked, self.every = dict(checked), max(1, int(every))
+        self.sums: dict[str, float] = dict(sums or {})
+        self._pending: list[tuple[int, dict]] = []
+
+    def add(self, step: int, values: dict) -> None:
+        """Record step ``step``'s values (key -> 0-d tensor or number; the same keys every step)."""
+        self._pending.append((int(step), values))
+        if len(self._pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> dict[str, float]:
+        """Read the pending values (see the class docstring) and return :attr:`sums`.
+
+        Raises:
+            NonFiniteLossError: a checked value is NaN/inf (the message names its stage and step).
+        """
+        if not self._pending:
+            return self.sums
+        pending, self._pending = self._pending, []
+        keys = list(pending[0][1])
+        dev = next((v.device for _, r in pending for v in r.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        rows = torch.stack([torch.stack([v.detach().to(torch.float64).reshape(()) if isinstance(v, torch.Tensor)
+                                         else torch.full((), float(v), dtype=torch.float64, device=dev)
+                                         for v in (r[k] for k in keys)]) for _, r in pending])
+        if ddp.active():  # the ranks' shares of every step summed
+            rows = ddp.sum_over_ranks(rows)
+        for (step, _), vals in zip(pending, rows.tolist()):  # the read's one host sync
+            row = dict(zip(keys, vals))
+            for k, stage in self.checked.items():
+                check_finite(row[k], stage, step)
+            for k, v in row.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+        return self.sums
+
+
 class LoopState:
     """Method state a training loop must checkpoint besides weights, optimizer and data order
     (e.g. CAP's importance averages, SIRFP's redundancy EMAs, ACoSP's mask logits).
@@ -113,18 +184,24 @@ class LoopState:
 
 
 def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: StageLog, lr_at: Callable[[int, int], float],
-               step: Callable[[torch.Tensor, torch.Tensor, torch.optim.Optimizer, int], dict],
-               epoch_msg: Callable[[dict, int, float], str], ckpt: StageCheckpoint | None,
-               opt: torch.optim.Optimizer | None = None, extra: LoopState | None = None) -> dict:
+               step: Callable[..., dict], epoch_msg: Callable[[dict, int, float], str], ckpt: StageCheckpoint | None,
+               opt: torch.optim.Optimizer | None = None, extra: LoopState | None = None,
+               trained: tuple[nn.Module, ...] = ()) -> dict:
     """Shared epoch loop of the training functions: LR schedule, periodic in-stage checkpoints
     (``engine.resume``) and resume.
 
-    ``step(x, y, opt, it)`` runs one iteration and returns the batch's running sums (e.g. loss);
-    ``opt`` defaults to SGD over ``params`` from ``cfg`` (lr, momentum, weight_decay); ``extra``
-    is saved with every in-stage checkpoint and restored on resume. The checkpoint holds the CPU RNG
+    ``step(x, y, opt, it, run)`` runs one iteration and returns the batch's values to sum (e.g. loss,
+    as 0-d tensors left on the device: :class:`StepValues` reads them every :data:`READ_EVERY` steps
+    and checks ``"loss"`` for NaN/inf); it computes its forward as ``run(fn, *args)`` (=
+    ``fn(*args)``; several processes: through ``distributed.data_parallel`` over ``net`` and
+    ``trained``, so that ``backward`` sums the gradients over ranks). ``trained``: further modules
+    whose parameters the step trains besides ``net``'s (ACoSP's mask logits). ``opt`` defaults to SGD
+    over ``params`` from ``cfg`` (lr, momentum, weight_decay); ``extra`` is saved with every in-stage
+    checkpoint and restored on resume. The checkpoint holds the CPU RNG
     state and, for a model on a GPU, that device's CUDA RNG state (``resume.rng_state``). Batches are
-    moved to the device of ``net``'s first parameter. Returns the last epoch's means of the sums and
-    ``iters``.
+    moved to the device of ``net``'s first parameter (and, with ``train.channels_last``, to the
+    channels-last format, as are ``net`` and ``trained`` during the loop: ``engine.layout``).
+    Returns the last epoch's means of the sums and ``iters``.
     """
     n_it = iters_per_epoch(loader, cfg.get("max_iters_per_epoch"))
     epochs = int(cfg["epochs"])
@@ -149,29 +226,33 @@ def train_loop(net: nn.Module, params, loader: DataLoader, cfg: dict, log: Stage
         lr = lr_at(max(0, it - 1), total)  # the last rate applied (reported if the epoch is already complete)
         log.write(f"resumed from {ckpt.path} at iteration {it} (epoch {start_epoch + 1}, batch {skip})")
     out: dict = {}
-    with ddp.replicated(net):  # several processes: global-batch BatchNorm statistics and dropout masks
+    # train.channels_last (engine/layout.py); several processes: global-batch BatchNorm statistics and
+    # dropout masks, gradients summed by DDP (built after the layout change: its buckets follow the strides)
+    with training_layout(net, *trained) as fmt, ddp.replicated(net), ddp.data_parallel(net, *trained) as run:
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
                 sums, skip = {}, 0
+            acc = StepValues({"loss": log.stage}, sums)
             bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{epochs}", initial=skip)
             for i, (x, y) in enumerate(cursor.batches(epoch, skip), start=skip):
                 if i >= n_it:
                     break
                 x, y = ddp.to_device(x, y, like=like)  # CPU model: the same tensors
+                x = fmt(x)  # train.channels_last: NHWC images (else the same tensor)
                 lr = lr_at(it, total)
                 set_lr(opt, lr)
-                for k, v in step(x, y, opt, it).items():
-                    sums[k] = sums.get(k, 0.0) + v
+                acc.add(it, step(x, y, opt, it, run))
                 it += 1
                 bar.update(1)
                 if ckpt is not None and ckpt.due(it):
+                    sums = dict(acc.flush())  # losses checked before anything is saved
                     more = {} if extra is None else {f"extra.{k}": v for k, v in extra.state_tensors().items()}
                     ckpt.save({**module_tensors("model", net), **optimizer_tensors("opt", opt), "loader.gen": cursor.epoch_state,
                                **rng_state(dev), **more},
                               {"it": it, "epoch": epoch, "batch": i + 1, "sums": sums})
                 fault_point(log.stage, it)
             bar.close()
-            out = {k: v / max(1, n_it) for k, v in sums.items()}
+            out = {k: v / max(1, n_it) for k, v in acc.flush().items()}
             log.write(epoch_msg(out, epoch, lr) if total else "no iterations")
     return {**out, "iters": it}  # the caller deletes the in-stage checkpoint once the stage is saved
 
@@ -182,7 +263,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int,
-             denom: float | None = None) -> torch.Tensor:
+             denom: torch.Tensor | float | None = None) -> torch.Tensor:
     """Segmentation loss of ``model`` on images x (N, 3, H, W) and labels y (N, H, W), ignore index excluded.
 
     ``CE(model(x), y)``; for a model in train mode with auxiliary heads (``forward_aux`` and
@@ -191,7 +272,8 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
     context heads, BiSeNet paper Eq. 2). Models without auxiliary heads take exactly the plain path.
 
     ``denom`` (several processes): every CE is the *sum* over this rank's non-ignored pixels divided
-    by ``denom``, the global number of non-ignored pixels, so that the ranks' losses add up to the
+    by ``denom`` (a 0-d tensor, :func:`seg_denominator`, or a number), the global number of
+    non-ignored pixels, so that the ranks' losses add up to the
     1-process mean. ``None``: the mean over ``y``'s non-ignored pixels (a single process).
 
     Raises:
@@ -202,7 +284,8 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
             logits = logits.float()
         if denom is None:
             return F.cross_entropy(logits, y, ignore_index=ignore_index)
-        return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum") / denom
+        total = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
+        return ddp.share(total, torch.as_tensor(denom))
 
     weights = getattr(model, "aux_weights", None)
     if not weights or not model.training or not hasattr(model, "forward_aux"):
@@ -216,8 +299,9 @@ def seg_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: i
     return loss
 
 
-def seg_denominator(y: torch.Tensor, ignore_index: int) -> float | None:
-    """Global number of non-ignored pixels of the ranks' label batches (``None`` in a single process)."""
+def seg_denominator(y: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Global number of non-ignored pixels of the ranks' label batches, a 0-d float64 tensor left on
+    the device (``distributed.global_count``; ``None`` in a single process)."""
     return ddp.global_count((y != ignore_index).sum()) if ddp.active() else None
 
 
@@ -235,28 +319,23 @@ def train_segmentation(model: nn.Module, loader: DataLoader, cfg: dict, ignore_i
     ``cfg``. Every group's ``lr`` follows the schedule. Returns {"loss": last epoch mean, "iters"}.
 
     Raises:
-        NonFiniteLossError: NaN/inf loss (the last in-stage checkpoint is kept).
+        NonFiniteLossError: NaN/inf loss, noticed within :data:`READ_EVERY` steps and before the next
+            in-stage checkpoint (the last in-stage checkpoint is kept; the message names the step).
     """
     amp = Amp(_device_of(model))  # train.amp (engine/amp.py): autocast of forward + loss
 
-    def step(x, y, opt, it):
+    def step(x, y, opt, it, run):
         denom = seg_denominator(y, ignore_index)  # None in a single process
         with amp.autocast():
-            loss = seg_loss(model, x, y, ignore_index, denom)
-        if denom is None:
-            value = loss.item()  # the step's one host sync: NaN check and logged loss
-            check_finite(value, log.stage, it)
+            loss = run(seg_loss, model, x, y, ignore_index, denom)
         opt.zero_grad(set_to_none=True)
-        amp.backward(loss, opt)  # gradients unscaled on return (fp16)
-        if denom is not None:  # several processes: gradients and loss summed over ranks
-            value = ddp.sync_grads(opt, loss)[0]
-            check_finite(value, log.stage, it)
+        amp.backward(loss, opt)  # several processes: gradients summed over ranks; unscaled on return (fp16)
         if step_hook is not None:
             step_hook(it)
         amp.step(opt)
         if post_step is not None:
             post_step(opt.param_groups[0]["lr"])
-        return {"loss": value}
+        return {"loss": loss.detach()}  # on the device; read (NaN check, summed over ranks) by StepValues
 
     st = train_loop(model, model.parameters(), loader, cfg, log,
                     lambda it, total: poly_lr(cfg["lr"], it, total, cfg.get("power", 0.9)), step,
@@ -275,34 +354,28 @@ def train_classification(net: nn.Module, loader: DataLoader, cfg: dict, log: Sta
     Returns {"loss", "acc", "iters"}.
 
     Raises:
-        NonFiniteLossError: NaN/inf loss.
+        NonFiniteLossError: NaN/inf loss (as in :func:`train_segmentation`).
     """
     forward = forward or net
     linear = cfg.get("schedule", "linear") == "linear"
     amp = Amp(_device_of(net))  # train.amp (engine/amp.py): autocast of forward + loss
 
-    def step(x, y, opt, it):
+    def step(x, y, opt, it, run):
         with amp.autocast():
-            logits = forward(x)
+            logits = run(forward, x)
         if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
             logits = logits.float()
         denom = ddp.global_count(y.numel())  # None in a single process
         if denom is None:
             loss = F.cross_entropy(logits, y)
         else:  # this rank's share of the global mean
-            loss = F.cross_entropy(logits, y, reduction="sum") / denom
-        # loss and correct count read together: one host sync per step (the count is exact in float64)
-        value, correct = torch.stack([loss.detach().double(), (logits.detach().argmax(1) == y).sum().double()]).tolist()
-        if denom is None:
-            check_finite(value, log.stage, it)
+            loss = ddp.share(F.cross_entropy(logits, y, reduction="sum"), denom)
+        correct = (logits.detach().argmax(1) == y).sum()
         opt.zero_grad(set_to_none=True)
-        amp.backward(loss, opt)
-        out = {"loss": value, "correct": correct, "seen": float(y.numel())}
-        if denom is not None:  # several processes: gradients, loss and counts summed over ranks
-            out = dict(zip(out, ddp.sync_grads(opt, *out.values())))
-            check_finite(out["loss"], log.stage, it)
+        amp.backward(loss, opt)  # several processes: gradients summed over ranks (DDP)
         amp.step(opt)
-        return out
+        # on the device; read (NaN check, summed over ranks; the count exact in float64) by StepValues
+        return {"loss": loss.detach(), "correct": correct, "seen": float(y.numel())}
 
     st = train_loop(net, net.parameters(), loader, cfg, log,
                     lambda it, total: linear_lr(cfg["lr"], it, total) if linear else cfg["lr"], step,

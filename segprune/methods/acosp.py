@@ -39,9 +39,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..engine.amp import current_amp
-from ..engine import distributed as ddp
-from ..engine.train import LoopState, check_finite, iters_per_epoch, poly_lr, seg_denominator, seg_loss, train_loop
+from ..engine.amp import Amp
+from ..engine.train import LoopState, iters_per_epoch, poly_lr, seg_denominator, seg_loss, train_loop
 from ..pruning.groups import PruneUnit
 from ..pruning.thresholds import check_keep_ratio
 from .base import PruningMethod, register_method
@@ -287,6 +286,12 @@ class ACoSP(PruningMethod):
             ckpt: optional ``engine.resume.StageCheckpoint``; the logits are saved with it (temperature
                 and hardness follow from the iteration count, so a resumed stage continues exactly).
 
+        Under ``train.amp: bf16 | fp16`` the forward (network, masks) and the loss run in autocast
+        (``engine.amp.Amp``; fp16 with a GradScaler, gradients unscaled before the step); the logits,
+        the network's parameters, γ and the BatchNorm statistics stay float32. Several processes: the
+        gradients of the network and of the logits are summed over ranks by one
+        ``DistributedDataParallel`` over both (``engine.distributed.data_parallel``).
+
         Returns:
             {"loss": mean loss of the last epoch, "iters", "tau": last soft temperature, "hard_from_iter",
             "kept": kept channels over all units, "channels": all unit channels}.
@@ -298,8 +303,7 @@ class ACoSP(PruningMethod):
         epochs = int(c["epochs"])
         lr0 = float(c["lr_seg"])
         lr_logits = float(self.options["lr_logits"] if self.options["lr_logits"] is not None else lr0)
-        if current_amp() != "off":
-            log.write(f"acosp: train.amp={current_amp()} is not applied to the mask training yet: it runs in float32")
+        amp = Amp(next(model.parameters()).device)  # train.amp (engine/amp.py)
         keep = self.unit_k(units)
         masks = UnitMasks(model, units, keep)
         n_it = iters_per_epoch(seg_loader, c["max_iters_per_epoch"])
@@ -315,31 +319,26 @@ class ACoSP(PruningMethod):
         ], lr=lr0, momentum=float(c["momentum"]))
         soft_steps = []  # iterations run soft in this process (none when resumed after hard_from)
 
-        def step(x, y, opt, it):
+        def step(x, y, opt, it, run):
             if hard_from is not None and it >= hard_from:
                 masks.hard = True
             else:
                 masks.tau = acosp_temperature(it / max(1, n_it), end_epoch, ts, te)
                 soft_steps.append(it)
             denom = seg_denominator(y, ignore_index)  # None in a single process
-            loss = seg_loss(model, x, y, ignore_index, denom)  # + auxiliary heads (PSPNet, BiSeNet)
-            if denom is None:
-                value = loss.item()  # the step's one host sync: NaN check and logged loss
-                check_finite(value, log.stage, it)
+            with amp.autocast():  # train.amp: network and masks in autocast; logits, γ, BN statistics float32
+                loss = run(seg_loss, model, x, y, ignore_index, denom)  # + auxiliary heads (PSPNet, BiSeNet)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if denom is not None:  # several processes: gradients (weights and mask logits) summed over ranks
-                value = ddp.sync_grads(opt, loss)[0]
-                check_finite(value, log.stage, it)
-            opt.step()
-            return {"loss": value}
+            amp.backward(loss, opt)  # several processes: weights' and mask logits' gradients summed (DDP)
+            amp.step(opt)
+            return {"loss": loss.detach()}  # on the device; read (NaN check, sum over ranks) by train_loop
 
         tcfg = {"epochs": epochs, "lr": lr0, "max_iters_per_epoch": c["max_iters_per_epoch"]}
         try:
             st = train_loop(model, None, seg_loader, tcfg, log, lambda it, tot: poly_lr(lr0, it, tot, 0.9), step,
                             lambda m, e, lr: f"epoch {e + 1}: seg loss {m.get('loss', float('nan')):.4f} lr {lr:.5f} "
                                              + ("mask hard" if masks.hard else f"tau {masks.tau:.4g}"),
-                            ckpt, opt=opt, extra=masks)
+                            ckpt, opt=opt, extra=masks, trained=(masks,))
         finally:
             masks.remove()
         if not soft_steps and hard_from:  # resumed in the hard phase: report the last soft temperature

@@ -56,8 +56,9 @@ decoder part of the copy is never used.
 
 Several processes (``torchrun``, ``engine.distributed``): each rank takes its slice of every
 global classification and segmentation batch; the gradients of the W1 step (Eq. 7) and of the
-W2/W3 step (Eqs. 8-9) are summed over ranks right after ``backward``, before the coupling and ℓ1
-terms are added, so every rank takes the same step; E and μ (Eq. 10, computed from W1 - W3) are
+W2/W3 step (Eqs. 8-9) are summed over ranks during ``backward`` (one ``DistributedDataParallel``
+over W1, one over the segmentation network), before the ℓ1 sub-gradient, the coupling and the
+proximal steps act, so every rank takes the same step; E and μ (Eq. 10, computed from W1 - W3) are
 then identical on all ranks by construction, and :func:`run_mtp` records per-rank digests of E, μ,
 W1 and the model (``MTP.rank_digests``) to prove it.
 """
@@ -71,12 +72,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import distributed as ddp
-from ..engine.amp import current_amp
+from ..engine.amp import Amp, current_amp
+from ..engine.layout import training_layout
 from ..engine.log import StageLog
 from ..engine.resume import (LoaderCursor, ResumableCycle, StageCheckpoint, fault_point, load_module_tensors,
                              load_optimizer_tensors, module_tensors, optimizer_tensors, restore_rng, rng_state)
 from ..checkpoint import CheckpointError
-from ..engine.train import check_finite, iters_per_epoch, linear_lr, poly_lr, seg_denominator, seg_loss, set_lr
+from ..engine.train import (StepValues, check_finite, iters_per_epoch, linear_lr, poly_lr, seg_denominator, seg_loss,
+                            set_lr)
 from ..pruning.groups import PruneUnit, in_part, unit_gammas
 from .base import MethodConfig, PruningMethod, register_method
 from .sparsity import (SPARSITY_CONFIG_KEYS, GammaGroup, L1Sparsity, PenalisedGamma,
@@ -101,6 +104,9 @@ def l1_subgradient_(gammas: list[torch.Tensor], alpha: float) -> None:
     ``methods.sparsity.add_l1_subgradient_``)."""
     add_l1_subgradient_(gammas, alpha)
 
+
+#: the stage labels of MTP's NaN/inf loss errors (``engine.train.NonFiniteLossError``)
+W1_STAGE, W23_STAGE = "sparsity (W1, Eq. 7)", "sparsity (W2/W3, Eqs. 8-9)"
 
 #: ``rho: auto``: μ reaches μ_max after this fraction of the planned iterations and is held there ([ours])
 MU_REACH = 0.5
@@ -252,6 +258,9 @@ class MTP:
                                     lr=cfg["lr_cls"], momentum=mom, weight_decay=wd)
         self.opt23 = torch.optim.SGD(sgd_param_groups(seg_params, [m.param for m in g23.members], mom, wd, mode),
                                      lr=cfg["lr_seg"], momentum=mom, weight_decay=wd)
+        dev = next(model.parameters()).device
+        #: ``train.amp`` of the W1 step and of the W2/W3 step (``engine.amp``; fp16: one loss scale each)
+        self.amp1, self.amp23 = Amp(dev), Amp(dev)
 
     # ---- Eq. 7 -----------------------------------------------------------------------
     def coupling_grad(self) -> list[torch.Tensor]:
@@ -264,26 +273,46 @@ class MTP:
             torch._foreach_add_(diff, self.E)
         return diff
 
-    def step_w1(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        """One SGD step of Eq. 7 on a classification batch x (N, 3, h, w), y (N,). Returns l_cls."""
+    def step_w1(self, x: torch.Tensor, y: torch.Tensor, lr: float, run=ddp.direct, read: bool = True):
+        """One SGD step of Eq. 7 on a classification batch x (N, 3, h, w), y (N,). Returns l_cls: a float
+        (checked for NaN/inf before the step: :class:`NonFiniteLossError`), or with ``read=False`` a 0-d
+        tensor on the device, this rank's share, unchecked (:func:`run_mtp` reads them every
+        ``engine.train.READ_EVERY`` steps with ``engine.train.StepValues``).
+
+        ``run``: how the forward is called (``engine.distributed.data_parallel`` over W1 in a
+        multi-process run: ``backward`` then sums the gradients over ranks). Under ``train.amp`` the
+        forward runs in autocast and, with fp16, the loss is scaled and the gradients are unscaled
+        before the ℓ1 sub-gradient; a step that fp16 skips (inf/NaN gradient) skips the coupling and
+        ℓ1 steps too, so the iteration leaves W1 unchanged."""
         self.w1.train()
         denom = ddp.global_count(y.numel())  # None in a single process
+        with self.amp1.autocast():
+            logits = run(self.forward_w1, x)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
+            logits = logits.float()
         if denom is None:
-            loss = F.cross_entropy(self.forward_w1(x), y)
-            value = loss.item()  # the step's one host sync
-            check_finite(value, "sparsity (W1, Eq. 7)", self.steps)
+            loss = F.cross_entropy(logits, y)
         else:  # this rank's share of the global mean
-            loss = F.cross_entropy(self.forward_w1(x), y, reduction="sum") / denom
+            loss = ddp.share(F.cross_entropy(logits, y, reduction="sum"), denom)
+        value = self._read(loss, read and denom is None, W1_STAGE)  # single process: checked before the step
         self.opt1.zero_grad(set_to_none=True)
-        loss.backward()
-        if denom is not None:  # gradients of l_cls summed over ranks, before the coupling terms
-            value = float(ddp.sync_grads(self.opt1, loss)[0])
-            check_finite(value, "sparsity (W1, Eq. 7)", self.steps)
+        self.amp1.backward(loss, self.opt1)  # several processes: l_cls's gradients summed over ranks (DDP)
+        if denom is not None:
+            value = self._read(loss, read, W1_STAGE)
         self.l1.add_subgradients("w1")       # subgradient mode: α1 (+ growing term) · sign(γ1)
         set_lr(self.opt1, lr)
-        self.opt1.step()                     # l_cls only: the momentum buffer never holds the coupling
-        self.couple_(self.p1, self.p3, lr, +1.0)
-        self.l1.prox("w1", lr, coupled_lr=lr / (1.0 + lr * self.mu))  # proximal mode: soft-threshold γ1
+        if self.amp1.step(self.opt1, report=True):  # l_cls only: the momentum buffer never holds the coupling
+            self.couple_(self.p1, self.p3, lr, +1.0)
+            self.l1.prox("w1", lr, coupled_lr=lr / (1.0 + lr * self.mu))  # proximal mode: soft-threshold γ1
+        return value
+
+    def _read(self, loss: torch.Tensor, read: bool, stage: str):
+        """``loss`` as a float summed over ranks and checked for NaN/inf (``read``; one host sync), else
+        detached and left on the device."""
+        if not read:
+            return loss.detach()
+        value = ddp.sum_values(loss.detach())[0]
+        check_finite(value, stage, self.steps)
         return value
 
     def couple_(self, mine: list[torch.Tensor], other: list[torch.Tensor], lr: float, sign: float) -> None:
@@ -304,25 +333,26 @@ class MTP:
             torch._foreach_add_(mine, self.E, alpha=-sign * lr / (1.0 + c))
 
     # ---- Eqs. 8 and 9 (one shared segmentation forward/backward) --------------------------
-    def step_w23(self, x: torch.Tensor, y: torch.Tensor, lr: float, ignore_index: int) -> float:
-        """One SGD step of Eq. 8 (W2) and Eq. 9 (W3) on a segmentation batch x (N,3,H,W), y (N,H,W)."""
+    def step_w23(self, x: torch.Tensor, y: torch.Tensor, lr: float, ignore_index: int, run=ddp.direct,
+                 read: bool = True):
+        """One SGD step of Eq. 8 (W2) and Eq. 9 (W3) on a segmentation batch x (N,3,H,W), y (N,H,W).
+        Returns l_seg. ``run``, ``read`` and mixed precision as in :meth:`step_w1` (here over the
+        segmentation network)."""
         self.model.train()
         denom = seg_denominator(y, ignore_index)  # None in a single process
-        seg = seg_loss(self.model, x, y, ignore_index, denom)  # + weighted auxiliary-head losses, if the model has them
-        if denom is None:
-            value = seg.item()  # the step's one host sync
-            check_finite(value, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
+        with self.amp23.autocast():  # + weighted auxiliary-head losses, if the model has them
+            seg = run(seg_loss, self.model, x, y, ignore_index, denom)
+        value = self._read(seg, read and denom is None, W23_STAGE)  # single process: checked before the step
         loss = float(self.cfg["lam"]) * seg
         self.opt23.zero_grad(set_to_none=True)
-        loss.backward()
-        if denom is not None:  # gradients of λ l_seg summed over ranks, before the coupling terms
-            value = float(ddp.sync_grads(self.opt23, seg)[0])
-            check_finite(value, "sparsity (W2/W3, Eqs. 8-9)", self.steps)
+        self.amp23.backward(loss, self.opt23)  # several processes: λ l_seg's gradients summed over ranks (DDP)
+        if denom is not None:
+            value = self._read(seg, read, W23_STAGE)
         self.l1.add_subgradients("seg")      # γ2 (α2 + growing term), γ3 (growing term only)
         set_lr(self.opt23, lr)
-        self.opt23.step()                    # λ l_seg only
-        self.couple_(self.p3, self.p1, lr, -1.0)
-        self.l1.prox("seg", lr, coupled_lr=lr / (1.0 + lr * self.mu))
+        if self.amp23.step(self.opt23, report=True):  # λ l_seg only
+            self.couple_(self.p3, self.p1, lr, -1.0)
+            self.l1.prox("seg", lr, coupled_lr=lr / (1.0 + lr * self.mu))
         return value
 
     # ---- Eq. 10 --------------------------------------------------------------------------
@@ -417,24 +447,33 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
         restore_rng(t, dev)  # dropout draws from the global generator (and the GPU's on a GPU)
         cls_iter.load("cls", t, meta)
         log.write(f"resumed from {src} at iteration {mtp.steps} (epoch {start_epoch + 1}, batch {skip})")
-    with ddp.replicated(model, mtp.w1):  # several processes: global-batch BatchNorm statistics and dropout masks
+    # train.channels_last (engine/layout.py); several processes: global-batch BatchNorm statistics and dropout
+    # masks, W1's and the segmentation network's gradients summed over ranks by one DistributedDataParallel each
+    with training_layout(model, mtp.w1) as fmt, ddp.replicated(model, mtp.w1), ddp.data_parallel(mtp.w1) as run1, \
+            ddp.data_parallel(model) as run23:
         for epoch in range(start_epoch, int(cfg["epochs"])):
             if epoch != start_epoch:
                 skip, lc, ls = 0, 0.0, 0.0
+            # the losses stay on the device, read every READ_EVERY steps and before every checkpoint
+            acc = StepValues({"lc": W1_STAGE, "ls": W23_STAGE}, {"lc": lc, "ls": ls})
             bar = log.progress(n_it, f"{log.stage} ep {epoch + 1}/{cfg['epochs']}", initial=skip)
             for i, (x2, y2) in enumerate(seg.batches(epoch, skip), start=skip):
                 if i >= n_it:
                     break
                 x1, y1 = next(cls_iter)
                 x1, y1, x2, y2 = ddp.to_device(x1, y1, x2, y2, like=like)  # CPU model: the same tensors
+                x1, x2 = fmt(x1), fmt(x2)  # train.channels_last: NHWC images (else the same tensors)
                 mtp.l1.update(mtp.steps)         # ℓ1 schedule: channels planned for removal, λ
-                lc += mtp.step_w1(x1, y1, linear_lr(cfg["lr_cls"], mtp.steps, total))
-                ls += mtp.step_w23(x2, y2, poly_lr(cfg["lr_seg"], mtp.steps, total), ignore_index)
+                acc.add(mtp.steps, {
+                    "lc": mtp.step_w1(x1, y1, linear_lr(cfg["lr_cls"], mtp.steps, total), run=run1, read=False),
+                    "ls": mtp.step_w23(x2, y2, poly_lr(cfg["lr_seg"], mtp.steps, total), ignore_index, run=run23,
+                                       read=False)})
                 mtp.steps += 1
                 if mtp.steps % int(cfg["update_every"]) == 0:
                     mtp.update_multipliers()
                 bar.update(1)
                 if ckpt is not None and ckpt.due(mtp.steps):
+                    lc, ls = (acc.flush()[k] for k in ("lc", "ls"))  # losses checked before anything is saved
                     ct, cm = cls_iter.state("cls")
                     ckpt.save({**module_tensors("model", model), **module_tensors("w1", mtp.w1),
                                **optimizer_tensors("opt1", mtp.opt1), **optimizer_tensors("opt23", mtp.opt23),
@@ -444,6 +483,7 @@ def run_mtp(model: nn.Module, units: list[PruneUnit], cls_loader, seg_loader, cf
                               {"mu": mtp.mu, "steps": mtp.steps, "epoch": epoch, "batch": i + 1, "lc": lc, "ls": ls, **cm})
                 fault_point(log.stage, mtp.steps)
             bar.close()
+            lc, ls = (acc.flush()[k] for k in ("lc", "ls"))
             sp, ag = mtp.sparsity(), mtp.agreement()
             lam = " ".join(f"lambda_{n} {v:.3g}" for n, v in mtp.l1.lam.items()) if mtp.l1.schedule == "growing" else ""
             log.write(f"epoch {epoch + 1}: l_cls {lc / max(1, n_it):.4f} l_seg {ls / max(1, n_it):.4f} "
@@ -544,7 +584,8 @@ class MultiTaskPruning(PruningMethod):
         if cls_loader is None:
             raise ValueError("MTP needs classification batches (cls_loader) for the W1 step (Eq. 7)")
         if current_amp() != "off":
-            log.write(f"mtp: train.amp={current_amp()} is not applied to MTP's steps yet: they run in float32")
+            log.write(f"mtp: train.amp={current_amp()}: the W1 and W2/W3 forward passes run in autocast; "
+                      "weights, γ, E, μ and BatchNorm statistics stay float32")
         mtp = run_mtp(model, units, cls_loader, seg_loader, self.cfg, ignore_index, log, ckpt=ckpt, budget=budget,
                       select=lambda s, p, mode, mc: self.select_from_scores(s, units, p, mode, mc),
                       input_size=self.input_size)
