@@ -280,3 +280,31 @@ def test_config_and_registry_accept_ecosystem_names():
     with pytest.raises(TypeError, match=r"neither a torchvision segmentation model \(with .backbone and "
                                         r".classifier\) nor a segmentation_models_pytorch"):
         adapt(copy.deepcopy(m.classifier))
+
+
+@libs
+def test_cli_run_reports_a_part_without_units(tmp_path, capsys):
+    """`segprune run` with smp Segformer (MiT encoder, LayerNorm): the sparsity stage's log, done.json,
+    metrics.json and report.md name the backbone as not pruned, with the reason; the decoder is pruned."""
+    import yaml
+
+    from conftest import TINY
+    from segprune.cli import main
+    cfg = copy.deepcopy(TINY)
+    cfg["model"] = {"name": "smp.Segformer", "encoder_name": "mit_b0"}
+    cfg["data"]["cls"].update(input_size=[32, 32], image_size=[32, 32])
+    cfg["train"] = {"pretrain_cls": {"epochs": 0, "lr": 0.05}, "seg": {"epochs": 1, "lr": 0.01}}
+    cfg["method"] = {"name": "fpgm"}
+    cfg["finetune"] = {"cls": {"epochs": 0, "lr": 0.01}, "seg": {"epochs": 1, "lr": 0.01}}
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "seg.yaml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "part 'backbone': no prunable unit" in printed and "no BatchNorm" in printed
+    done = json.loads(next((out / "stages").glob("*_sparsity/done.json")).read_text())
+    assert list(done["parts_without_units"]) == ["backbone"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["parts_without_units"]) == ["backbone"] and "no BatchNorm" in metrics["parts_without_units"]["backbone"]
+    assert list(metrics["kept_per_part"]) == ["decoder"]
+    report = (out / "report.md").read_text()
+    assert "Part `backbone` was not pruned: no prunable unit" in report
