@@ -12,6 +12,15 @@ p10/p90 of ``--runs`` runs, zero input at the run's input size, batch sizes ``--
 for eager and ORT separately. Writes the Markdown table to ``--out`` and every raw measurement to the same path
 with suffix ``.json``. ``--reuse`` renders from each run folder's ``benchmark.json`` (``segprune benchmark``)
 instead of measuring. Take measurements on an otherwise idle machine: other load changes latency ratios.
+
+Library models without a run folder (``--model``, repeatable; needs torchvision / smp)::
+
+    python benchmarks/latency.py --model torchvision.deeplabv3_mobilenet_v3_large --model smp.FPN:efficientnet-b0 \
+        --size 256 256 --batch 1 --threads 1 --out ... --commit SHA --command "..."
+
+builds ``torchvision.<builder>`` / ``smp.<Arch>:<encoder>`` (random initialisation, 11 classes: latency does not
+depend on the weights), prunes it with ``--method`` (default FPGM) at ``--keep`` (default 0.5) through
+``segprune.api.prune_model`` and times the two networks the same way (``segprune.deploy.benchmark_models``).
 """
 from __future__ import annotations
 
@@ -25,13 +34,40 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segprune.checkpoint import atomic_write_bytes, load_json, save_json  # noqa: E402
-from segprune.deploy import benchmark, load_benchmark  # noqa: E402
+from segprune.deploy import benchmark, benchmark_models, load_benchmark  # noqa: E402
 
 #: Allowed excess of the latency ratio over the FLOPs ratio.
 SLACK = 0.05
 
 
+#: method and keep ratio of the ``--model`` rows (set by ``main``)
+_MODEL_METHODS: dict[str, tuple[str, str]] = {}
+
+
+def model_pair(spec: str, size: tuple[int, int], method: str = "fpgm", keep: float = 0.5, seed: int = 0) -> dict:
+    """``{"baseline", "pruned"}`` for ``torchvision.<builder>`` / ``smp.<Arch>:<encoder>``: the library model
+    (random initialisation, 11 classes) and a copy pruned by ``method`` at ``keep`` (traced at ``size``).
+
+    Raises:
+        ImportError: torchvision / smp missing (named). ValueError: an unknown name or method.
+    """
+    import copy
+
+    import torch
+
+    from segprune.api import prune_model
+    from segprune.models.ecosystem import build_ecosystem_model
+    name, _, enc = spec.partition(":")
+    torch.manual_seed(seed)
+    base = build_ecosystem_model(name, 11, {"encoder_name": enc or None}).eval()
+    res = prune_model(copy.deepcopy(base), method, keep_ratio=keep, parts=base.parts,
+                      never_prune=list(base.never_prune), input_size=size, num_classes=11)
+    return {"baseline": base, "pruned": res.model.eval()}
+
+
 def _method(run: Path) -> tuple[str, str]:
+    if str(run) in _MODEL_METHODS:
+        return _MODEL_METHODS[str(run)]
     try:
         m = load_json(run / "metrics.json")
         return str(m["method"]), str(m["keep_ratio"])
@@ -107,7 +143,12 @@ def render(results: list[tuple[Path, dict]], command: str, commit: str, raw_name
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run_dirs", nargs="+", help="finished run folders (baseline and pruned stages)")
+    ap.add_argument("run_dirs", nargs="*", help="finished run folders (baseline and pruned stages)")
+    ap.add_argument("--model", action="append", default=[],
+                    help="torchvision.<builder> or smp.<Arch>:<encoder>, pruned here (repeatable)")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[256, 256], help="input of --model")
+    ap.add_argument("--method", default="fpgm", help="pruning method of --model (one-shot: fpgm, uniform)")
+    ap.add_argument("--keep", type=float, default=0.5, help="keep ratio of --model")
     ap.add_argument("--out", required=True, help="Markdown output (raw results go to the same path with .json)")
     ap.add_argument("--commit", required=True)
     ap.add_argument("--command", required=True)
@@ -120,7 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.runs < 20 and not a.reuse:
         print(f"note: --runs {a.runs} < 20: fine for a smoke test, not for reported numbers", file=sys.stderr)
+    if not a.run_dirs and not a.model:
+        ap.error("give run folders and/or --model")
+    if a.reuse and a.model:
+        ap.error("--reuse reads run folders only")
     results = []
+    for spec in a.model:
+        size = (a.size[0], a.size[1])
+        res = benchmark_models(model_pair(spec, size, a.method, a.keep), size, source=spec, kind="models",
+                               batches=a.batch or [1, 8], runs=a.runs, warmup=a.warmup, threads=a.threads,
+                               onnx=not a.no_onnx)
+        _MODEL_METHODS[spec] = (a.method, str(a.keep))
+        results.append((Path(spec), res))
+        print(f"{spec}: measured", file=sys.stderr)
     for d in a.run_dirs:
         run = Path(d)
         if a.reuse:

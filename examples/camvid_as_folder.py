@@ -107,7 +107,8 @@ def layout(camvid: str | Path, out: str | Path, splits=("train", "val", "test"),
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", help="new dataset folder, outside the repository (e.g. /tmp/camvid_folder)")
+    ap.add_argument("out", help="new dataset folder, outside the repository or under its gitignored runs/ "
+                                "(e.g. /tmp/camvid_folder)")
     ap.add_argument("--camvid", default=str(REPO.parent / "shared" / "data" / "camvid"),
                     help="CamVid folder (default: ../shared/data/camvid beside the repository)")
     ap.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
@@ -115,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N images of each split only")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
-    if out == REPO or REPO in out.parents:
-        print(f"error: {out} is inside the repository {REPO}: write your data elsewhere", file=sys.stderr)
+    runs = REPO / "runs"  # gitignored: run folders and local data may live there
+    if (out == REPO or REPO in out.parents) and runs not in out.parents:
+        print(f"error: {out} is inside the repository {REPO} (outside its gitignored runs/): write your data "
+              "elsewhere", file=sys.stderr)
         return 2
     try:
         layout(args.camvid, out, limit=args.limit, copy=args.copy, label_mode=args.label_mode)

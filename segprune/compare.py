@@ -160,6 +160,18 @@ def _mean_std_opt(vals: list[float | None]) -> tuple[float, float | None] | None
     return None if not vals or any(v is None for v in vals) else _mean_std(vals)
 
 
+def kept_fraction(metrics: dict, part: str) -> float | None:
+    """Kept / prunable channels of ``part`` in a run's ``metrics.json``; None when the part had no
+    prunable unit (not in ``kept_per_part``: e.g. smp Segformer's LayerNorm encoder, LRASPP's gated head)."""
+    k = (metrics.get("kept_per_part") or {}).get(part)
+    return None if not k or not k[1] else k[0] / k[1]
+
+
+def _pct0(ms) -> str:
+    """A kept fraction as a whole percentage, or "–" for a part without prunable units."""
+    return "–" if ms is None else f"{100 * ms[0]:.0f}"
+
+
 def group_runs(runs: list[RunRecord]) -> list[dict]:
     """Aggregate runs of one setting over seeds.
 
@@ -167,8 +179,9 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
     ``target_kind`` ("channels" / "flops"), ``target_flops_ratio`` (None for a channel keep ratio),
     ``keep`` (the channel keep ratio; with a FLOPs target the mean of the ratios found), ``keep_std``,
     ``threshold, finetune, seeds, runs`` and, for each of ``miou, delta_miou, params, flops, latency, miou_before_ft,
-    cls_top1, kept_backbone, kept_decoder``, a ``(mean, std|None)`` pair; ``sparse_miou``, ``prune_step_loss``
-    (fraction) and ``removed_gamma_share`` are such a pair, or None when a run of the setting lacks them. ``params``, ``flops`` and
+    cls_top1``, a ``(mean, std|None)`` pair; ``kept_backbone``, ``kept_decoder``, ``sparse_miou``, ``prune_step_loss``
+    (fraction) and ``removed_gamma_share`` are such a pair, or None when a run of the setting lacks them (a part
+    without prunable units, e.g. LRASPP's gated head or a LayerNorm encoder, has no kept fraction). ``params``, ``flops`` and
     ``latency`` are ratios pruned / baseline; ``kept_*`` fractions of the part's prunable channels.
     """
     groups: dict[tuple, list[RunRecord]] = {}
@@ -181,8 +194,6 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
         def col(f):
             return _mean_std([f(r) for r in rs])
 
-        def kept(part):
-            return lambda r: r.m["kept_per_part"][part][0] / r.m["kept_per_part"][part][1]
         rows.append({
             "method": method, "keep": keep, "keep_std": keep_std, "target": target_label(kind, value) + _round_label(round_to),
             "round_to": round_to,
@@ -195,7 +206,8 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
             "miou_before_ft": col(lambda r: r.m["pruned"].get("miou_before_finetune") or float("nan")),
             "cls_top1": col(lambda r: r.m["pruned"]["cls_top1"]),
             "cls_top1_ft": col(lambda r: _nan(r.top1_ft)),
-            "kept_backbone": col(kept("backbone")), "kept_decoder": col(kept("decoder")),
+            "kept_backbone": _mean_std_opt([kept_fraction(r.m, "backbone") for r in rs]),
+            "kept_decoder": _mean_std_opt([kept_fraction(r.m, "decoder") for r in rs]),
             "sparse_miou": _mean_std_opt([r.sparse_miou for r in rs]),
             "prune_step_loss": _mean_std_opt([r.prune_step_loss for r in rs]),
             "removed_gamma_share": _mean_std_opt([r.removed_gamma_share for r in rs]),
@@ -246,7 +258,7 @@ def render_table(runs: list[RunRecord]) -> str:
             f"{_pm(g['params'], 1, '{:.2f}')} | {_pm(g['flops'], 1, '{:.2f}')} | {_pm(g['latency'], 1, '{:.2f}')} | "
             f"{_pm(g['miou_before_ft'])} | {_pm_opt(g['sparse_miou'])} | {_pm_opt(g['prune_step_loss'])} | "
             f"{_pm_opt(g['removed_gamma_share'])} | {_pm(g['cls_top1_ft'])} | "
-            f"{100 * g['kept_backbone'][0]:.0f} / {100 * g['kept_decoder'][0]:.0f} |")
+            f"{_pct0(g['kept_backbone'])} / {_pct0(g['kept_decoder'])} |")
     lines += ["", "Target: what each run was pruned to, a channel keep ratio (prune.keep_ratio) or a FLOPs ratio "
               "(prune.target_flops_ratio; its keep column is the keep ratio the search found, mean over seeds). "
               "Ratios are pruned / baseline of the same run; ± is the sample standard deviation over seeds. "
@@ -278,7 +290,7 @@ def write_csv(runs: list[RunRecord]) -> str:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     for r in runs:
-        b, p, k = r.m["baseline"], r.m["pruned"], r.m["kept_per_part"]
+        b, p = r.m["baseline"], r.m["pruned"]
         w.writerow({"run": r.name, "method": r.method, "keep_ratio": r.keep, "threshold_mode": r.threshold,
                     "finetune": r.ft, "seed": r.seed, "baseline_miou": b["miou"], "miou": p["miou"],
                     "delta_miou": r.m["delta_miou"], "pixel_acc": p["pixel_acc"], "baseline_params": b["params"],
@@ -287,8 +299,8 @@ def write_csv(runs: list[RunRecord]) -> str:
                     "latency_ms": p["latency_ms"], "latency_ratio": r.m["ratios"]["latency_ms"],
                     "miou_before_finetune": p.get("miou_before_finetune"), "baseline_cls_top1": b["cls_top1"],
                     "cls_top1": p["cls_top1"], "baseline_top1_after_pretrain": r.top1_base,
-                    "top1_after_cls_finetune": r.top1_ft, "kept_backbone": k["backbone"][0] / k["backbone"][1],
-                    "kept_decoder": k["decoder"][0] / k["decoder"][1],
+                    "top1_after_cls_finetune": r.top1_ft, "kept_backbone": kept_fraction(r.m, "backbone"),
+                    "kept_decoder": kept_fraction(r.m, "decoder"),
                     "target": f"{r.target_kind[0]} {r.target_kind[1]:g}", "target_flops_ratio": r.target,
                     "flops_target_met": r.m.get("flops_target_met") if r.target is not None else None,
                     "round_to": r.round_to, "sparse_miou": r.sparse_miou, "prune_step_loss": r.prune_step_loss,

@@ -48,7 +48,8 @@ from .engine.profile import _percentile  # one percentile definition for eager a
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "EXPORTER", "INPUT_NAME", "OUTPUT_NAME",
     "find_run", "run_input_size", "eval_images", "export_onnx", "check_onnx", "export_run",
-    "ort_session", "ort_cuda_available", "measure_ort_latency", "benchmark", "render_benchmark", "write_benchmark",
+    "ort_session", "ort_cuda_available", "measure_ort_latency", "benchmark", "benchmark_models", "render_benchmark",
+    "write_benchmark",
     "cpu_model", "sidecar_path", "load_benchmark",
 ]
 
@@ -533,7 +534,6 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
         CheckpointError, DataError: unreadable stage files or config data.
         ValueError: a batch, ``runs``, ``warmup`` or ``threads`` out of range.
     """
-    from .engine.profile import count_flops, count_params, measure_latency
     batches = [int(b) for b in batches]
     if not batches or min(batches) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {batches}")
@@ -546,14 +546,51 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
     dev = device if isinstance(device, torch.device) else resolve_device(device) if device is not None else None
     kind, cfg, models, src = _load_target(target)
     dev = dev or resolve_device(cfg.get("device", "auto"))
+    if threads is None:
+        threads = int(cfg["eval"].get("threads") or cfg.get("threads") or torch.get_num_threads())
+    return benchmark_models(models, run_input_size(cfg), src, source=str(target), kind=kind, batches=batches,
+                            runs=runs, warmup=warmup, threads=threads, onnx=onnx, opset=opset, device=dev)
+
+
+def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dict[str, str] | None = None,
+                     source: str = "models", kind: str = "models", batches: Sequence[int] = (1, 8), runs: int = 20,
+                     warmup: int = 5, threads: int | None = None, onnx: bool = True, opset: int = DEFAULT_OPSET,
+                     device: str | torch.device | None = "cpu") -> dict:
+    """:func:`benchmark` of networks given as modules (e.g. a library model and its pruned copy).
+
+    Args:
+        models: name -> network taking (N, 3, H, W) images; ``"baseline"`` and ``"pruned"`` give ratios.
+        size: (H, W) input in pixels. src: name -> where the model came from (for the record).
+        source, kind: recorded as :func:`benchmark`'s ``source`` / ``kind``.
+        threads: ``None`` = ``torch.get_num_threads()``. Other arguments as :func:`benchmark`.
+
+    Returns:
+        :func:`benchmark`'s dict. The models are put in eval mode (and moved to ``device``).
+
+    Raises:
+        ValueError: a batch, ``runs``, ``warmup``, ``threads`` or ``size`` out of range, or a bad opset.
+    """
+    from .engine.profile import count_flops, count_params, measure_latency
+    batches = [int(b) for b in batches]
+    if not batches or min(batches) < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batches}")
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    size = tuple(int(v) for v in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input size must be (H, W) of positive ints, got {size}")
+    threads = int(threads) if threads is not None else torch.get_num_threads()
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if onnx:
+        _check_opset(opset)
+    dev = device if isinstance(device, torch.device) else resolve_device(device) if device is not None else resolve_device("cpu")
+    src = src or {name: type(m).__name__ for name, m in models.items()}
     ort_note = None
     if onnx and dev.type == "cuda" and not ort_cuda_available():  # not run on a GPU in this project
         onnx, ort_note = False, "ONNX Runtime not timed: its CUDAExecutionProvider is not installed (onnxruntime-gpu)"
-    if threads is None:
-        threads = int(cfg["eval"].get("threads") or cfg.get("threads") or torch.get_num_threads())
-    size = run_input_size(cfg)
     out: dict[str, Any] = {
-        "format": "segprune-benchmark/1", "source": str(target), "kind": kind, "input_size": list(size),
+        "format": "segprune-benchmark/1", "source": source, "kind": kind, "input_size": list(size),
         "batches": batches, "runs": runs, "warmup": warmup, "threads": threads, "input": "zeros",
         "opset": opset if onnx else None, "exporter": EXPORTER if onnx else None, "cpu": cpu_model(),
         "device": describe_device(dev), "ort_note": ort_note,

@@ -478,7 +478,8 @@ class Pipeline:
         run.graph = build_graph(sparse, size)  # training changes weights, not structure: reused by the prune stage
         run.units = discover_units(sparse, run.graph, cfg["prune"]["prune_coupled"])
         log = self._log("sparsity")
-        for part, why in parts_without_units(sparse, run.graph, run.units, cfg["prune"]["prune_coupled"]).items():
+        empty_parts = parts_without_units(sparse, run.graph, run.units, cfg["prune"]["prune_coupled"])
+        for part, why in empty_parts.items():
             log.write(f"part {part!r}: {why}")  # e.g. a LayerNorm encoder (smp Segformer)
         seg_loader, cls_loader = self._loaders()
         meth = run.method
@@ -499,7 +500,8 @@ class Pipeline:
                 save_state_dict(d / "method_state.safetensors", {k: v.contiguous() for k, v in learned.items()})
             record = meth.gamma_record(sparse, run.units)
             save_state_dict(d / "scores.safetensors", {k: v.contiguous() for k, v in record.items()})
-        self._finish("sparsity", sparse, self._arch(None), log, {"method": meth.name, **info})
+        self._finish("sparsity", sparse, self._arch(None), log, {"method": meth.name, **info,
+                                                                 "parts_without_units": empty_parts})
         run.sparse = sparse
 
     def _eval_split(self) -> str:
@@ -651,6 +653,9 @@ class Pipeline:
         out["prune_step_loss"] = (out["sparse"]["miou"] - before if None not in (out["sparse"]["miou"], before)
                                   else None)
         out["removed_gamma_share"] = prune_info.get("removed_gamma_share")
+        # parts of model.parts without any prunable unit, with the reason (e.g. smp Segformer's LayerNorm
+        # encoder); {} when every part has units, null in run folders made before it was recorded
+        out["parts_without_units"] = (self._done("sparsity") or {}).get("parts_without_units")
         out["removal_compensation"] = prune_info.get("compensation")
         for key, stage in (("baseline", "pretrain_cls"), ("pruned", "finetune_cls")):  # backbone top-1 after its
             out[key]["cls_top1_after_cls_stage"] = (self._done(stage) or {}).get("top1")  # classification stage
@@ -729,6 +734,7 @@ def render_report(m: dict, cfg: dict) -> str:
     lines += ["", f"mIoU of the pruned network before fine-tuning: {100 * (p.get('miou_before_finetune') or float('nan')):.2f}%", "",
               *_prune_step_lines(m),
               "Kept channels per part: " + ", ".join(f"{k} {a}/{n}" for k, (a, n) in (m.get("kept_per_part") or {}).items()), "",
+              *[f"Part `{k}` was not pruned: {why}" + "\n" for k, why in (m.get("parts_without_units") or {}).items()],
               "## Per-class IoU (%)", "", "| class | baseline | pruned |", "|---|---|---|"]
     for cls in b["per_class_iou"]:
         fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731

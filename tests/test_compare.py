@@ -138,3 +138,20 @@ def test_prune_step_columns_and_old_folders_give_empty_cells(sweep_dir):
     del m["prune_step_loss"]
     (d / "metrics.json").write_text(json.dumps(m))
     assert collect_runs([d])[0].prune_step_loss == pytest.approx(0.5)
+
+
+def test_a_part_without_prunable_units_gives_a_dash(tmp_path):
+    """A run whose decoder had no prunable unit (torchvision LRASPP's gated head, smp Segformer's
+    LayerNorm encoder): kept_per_part lacks that part; compare shows "–" and an empty CSV cell."""
+    root = tmp_path / "runs"
+    d = _run(root, "lraspp_fpgm", "fpgm", 0.5, 0, 0.35, 1000, 500, 9.0)
+    m = json.loads((d / "metrics.json").read_text())
+    m["kept_per_part"] = {"backbone": [2980, 5960]}
+    (d / "metrics.json").write_text(json.dumps(m))
+    runs = collect_runs([root])
+    g = group_runs(runs)[0]
+    assert g["kept_decoder"] is None and g["kept_backbone"][0] == pytest.approx(0.5)
+    row = next(line for line in render_table(runs).splitlines() if line.startswith("| fpgm | 0.5×"))
+    assert row.endswith("| 50 / – |")
+    (row,) = csv.DictReader(io.StringIO(write_csv(runs)))
+    assert row["kept_decoder"] == "" and float(row["kept_backbone"]) == pytest.approx(0.5)

@@ -222,3 +222,27 @@ def test_interleaved_latency_alternates_models_and_pools_rounds():
     assert out["a"]["median_ms"] == 11.0 and out["b"]["min_ms"] == 20.0 and "times_ms" not in out["a"]
     with pytest.raises(ValueError):
         interleaved_latency({"a": fake("a", 1.0)}, runs=0, warmup=0)
+
+
+def test_benchmark_models_times_modules_given_directly():
+    """benchmark_models (benchmarks/latency.py --model): two modules, eager and ORT, ratios from the medians;
+    FLOPs per image at the given size (a net with half the hidden channels: 0.5x FLOPs in its 1x1 convs)."""
+    from segprune.deploy import benchmark_models
+
+    def net(c):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, c, 1), torch.nn.ReLU(), torch.nn.Conv2d(c, 4, 1))
+
+    res = benchmark_models({"baseline": net(16), "pruned": net(8)}, (12, 20), batches=[1, 2], runs=2, warmup=1,
+                           threads=1, onnx=True)
+    assert res["input_size"] == [12, 20] and res["threads"] == 1 and res["kind"] == "models"
+    flops = {k: res["models"][k]["flops"] for k in ("baseline", "pruned")}
+    assert flops == {"baseline": 2 * 12 * 20 * (3 * 16 + 16 * 4), "pruned": 2 * 12 * 20 * (3 * 8 + 8 * 4)}
+    for b in ("1", "2"):
+        r = res["ratios"][b]
+        assert r["flops"] == flops["pruned"] / flops["baseline"]
+        for be in ("eager", "ort"):
+            lat = {k: res["models"][k]["latency"][b][be]["median_ms"] for k in ("baseline", "pruned")}
+            assert r[be] == lat["pruned"] / lat["baseline"] and min(lat.values()) > 0
+    with pytest.raises(ValueError, match="input size"):
+        benchmark_models({"baseline": net(4)}, (0, 8), onnx=False)

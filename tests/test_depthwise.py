@@ -344,3 +344,86 @@ def test_a_depthwise_conv_over_a_concatenation_keeps_its_producers_apart():
     x = torch.randn(2, 3, S, S)
     with torch.no_grad():
         assert torch.allclose(p(x), z(x), atol=1e-5)
+
+
+class BranchMerge(nn.Module):
+    """A stem, then three parallel conv + BN + ReLU branches on it at 1, 1/2 and 1/4 resolution (the
+    coarser ones upsampled back) whose outputs are summed, then a head: smp FPN's segmentation
+    branches + ``MergeBlock("add")``. ``stack=True`` sums them as smp 0.6 does
+    (``torch.stack(xs).sum(0)``), else with ``+``. ``residual=True`` adds the stem's output itself too (an
+    identity skip path: that summand is also read by the branches), which must keep the group coupled."""
+
+    def __init__(self, stack: bool = True, residual: bool = False):
+        super().__init__()
+        self.stack, self.residual = stack, residual
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12),
+                                                    nn.ReLU()) for _ in range(3))
+        self.head = nn.Conv2d(12, K, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        outs = []
+        for i, b in enumerate(self.branches):
+            y = b(F.avg_pool2d(s, 2 ** i) if i else s)
+            outs.append(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False) if i else y)
+        if self.residual:  # s + branches: the stem output also feeds the branches
+            outs.append(s)
+        merged = torch.stack(outs).sum(0) if self.stack else outs[0] + outs[1] + outs[2] + sum(outs[3:], 0)
+        return self.head(merged)
+
+
+def _merge_net(stack=True, residual=False, seed=0):
+    torch.manual_seed(seed)
+    m = BranchMerge(stack, residual)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.2, 1.5)
+            mod.bias.data.uniform_(-0.3, 0.3)
+    m.parts, m.never_prune = {"backbone": ["stem"], "decoder": ["branches"]}, ("head",)
+    return m.eval()
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_summed_parallel_branches_are_one_merge_unit(stack):
+    """The branches' convolutions are one unit (kind "merge", not coupled): pruned by default, and
+    removing channel c from every branch equals setting γ = β = 0 on it in every branch's BN."""
+    m = _merge_net(stack)
+    units = {u.name: u for u in _units(m)}
+    u = units["branches.0.0"]
+    assert u.extra["kind"] == "merge" and not u.coupled and u.part == "decoder"
+    assert u.convs == ["branches.0.0", "branches.1.0", "branches.2.0"]
+    assert u.bns == ["branches.0.1", "branches.1.1", "branches.2.1"] and u.channels == 12
+    assert units["stem.0"].extra["kind"] == "plain"
+    kept = {"branches.0.0": torch.tensor([0, 3, 4, 7, 10]), "stem.0": torch.tensor([1, 2, 5, 6])}
+    z = _zeroed(m, list(units.values()), kept)
+    p = copy.deepcopy(z)
+    prune_channels(p, list(units.values()), kept, build_graph(p, (S, S)))
+    assert [b[0].out_channels for b in p.branches] == [5, 5, 5] and p.head.in_channels == 5
+    assert p.stem[0].out_channels == 4 and all(b[0].in_channels == 4 for b in p.branches)  # a plain unit
+    x = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = z(x), p(x)
+    assert out.shape == ref.shape == (2, K, S, S)
+    assert torch.allclose(out, ref, atol=1e-5)
+    # ... and the unit differs from the unpruned network (the test can fail: zeroing changed something)
+    with torch.no_grad():
+        assert not torch.allclose(m(x), out, atol=1e-3)
+    # every method can rank it; FLOPs fall with it
+    res = prune_model(_merge_net(stack), "fpgm", keep_ratio=0.5, input_size=(S, S), num_classes=K)
+    assert res.report["units"]["branches.0.0"]["kept"] == 6 and res.report["flops"]["ratio"] < 0.5
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_a_sum_with_a_skip_path_stays_residual_coupled(stack):
+    """Adding the stem's output itself (also read by the branches) is a skip connection: stem and
+    branches form one residual-coupled group, pruned only with include_coupled."""
+    m = _merge_net(stack, residual=True)
+    assert _units(m) == []
+    skipped = skipped_groups(m, build_graph(m, (S, S)))
+    assert len(skipped) == 1 and skipped[0]["reason"].startswith("residual-coupled")
+    (u,) = _units(m, include_coupled=True)
+    assert u.coupled and u.extra["kind"] == "coupled"
+    assert set(u.convs) == {"stem.0", "branches.0.0", "branches.1.0", "branches.2.0"}

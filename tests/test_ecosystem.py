@@ -127,18 +127,39 @@ def test_every_family_builds_traces_prunes_and_reloads(name, enc, tmp_path):
 
 
 @libs
-def test_depthwise_units_make_mobilenets_shrink():
-    """Issue 17's targets at keep 0.5 (FPGM): LRASPP-MobileNetV3-Large <= 0.6x, DeepLabv3-MobileNetV3 <= 0.5x FLOPs;
-    smp FPN-EfficientNet-b0 <= 0.6x once its residual-coupled groups (the FPN merge) are pruned too."""
-    for name, enc, coupled, bound in [("torchvision.lraspp_mobilenet_v3_large", None, False, 0.6),
-                                      ("torchvision.deeplabv3_mobilenet_v3_large", None, False, 0.5),
-                                      ("smp.FPN", "efficientnet-b0", True, 0.6)]:
+@pytest.mark.parametrize("method", ["fpgm", "slimming"])
+def test_depthwise_units_make_mobilenets_shrink(method):
+    """Issue 17's targets at keep 0.5 with the default settings (no include_coupled), FPGM and Slimming:
+    LRASPP-MobileNetV3-Large <= 0.6x, DeepLabv3-MobileNetV3 <= 0.5x, smp FPN-EfficientNet-b0 <= 0.6x FLOPs
+    (its four summed segmentation branches are one "merge" unit), output shapes unchanged. The γ are spread
+    (U(0.5, 1.5)) as a trained network's are: with γ = 1 everywhere Slimming's scores tie and its per-part
+    threshold would remove channels in unit order (benchmarks/ecosystem_flops.py, --gamma)."""
+    for name, enc, bound in [("torchvision.lraspp_mobilenet_v3_large", None, 0.6),
+                             ("torchvision.deeplabv3_mobilenet_v3_large", None, 0.5),
+                             ("smp.FPN", "efficientnet-b0", 0.6)]:
         m = _build(name, enc)
-        res = prune_model(m, "fpgm", keep_ratio=0.5, parts=m.parts, never_prune=list(m.never_prune),
-                          input_size=(S, S), num_classes=K, include_coupled=coupled)
-        assert res.report["flops"]["ratio"] <= bound, (name, res.report["flops"]["ratio"])
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                    mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
         kinds = [u.extra["kind"] for u in discover_units(m, build_graph(m, (S, S)))]
         assert kinds.count("depthwise") >= 10, (name, kinds)
+        kw = {}
+        if method == "slimming":
+            kw = {"seg_loader": [(torch.randn(2, 3, S, S, generator=g), torch.randint(0, K, (2, S, S), generator=g))],
+                  "method_cfg": {"epochs": 1, "lr_seg": 0.01, "alpha": 1e-3}}
+        res = prune_model(m, method, keep_ratio=0.5, parts=m.parts, never_prune=list(m.never_prune),
+                          input_size=(S, S), num_classes=K, **kw)
+        assert res.report["flops"]["ratio"] <= bound, (name, method, res.report["flops"]["ratio"])
+        assert res.report["output_shape"][-3:] == [K, S, S], res.report["output_shape"]
+        with torch.no_grad():
+            assert res.model.eval()(torch.randn(1, 3, S + 32, S)).shape == (1, K, S + 32, S)  # another size too
+        if name == "smp.FPN":
+            merge = res.report["units"]["decoder.seg_blocks.0.block.2.block.0"]
+            assert merge["kept"] == merge["channels"] // 2 == 64            # the merged 128 channels halved
+            seg = res.model.library_model().segmentation_head[0]
+            assert seg.in_channels == 64 and seg.out_channels == K
 
 
 @libs
@@ -259,3 +280,31 @@ def test_config_and_registry_accept_ecosystem_names():
     with pytest.raises(TypeError, match=r"neither a torchvision segmentation model \(with .backbone and "
                                         r".classifier\) nor a segmentation_models_pytorch"):
         adapt(copy.deepcopy(m.classifier))
+
+
+@libs
+def test_cli_run_reports_a_part_without_units(tmp_path, capsys):
+    """`segprune run` with smp Segformer (MiT encoder, LayerNorm): the sparsity stage's log, done.json,
+    metrics.json and report.md name the backbone as not pruned, with the reason; the decoder is pruned."""
+    import yaml
+
+    from conftest import TINY
+    from segprune.cli import main
+    cfg = copy.deepcopy(TINY)
+    cfg["model"] = {"name": "smp.Segformer", "encoder_name": "mit_b0"}
+    cfg["data"]["cls"].update(input_size=[32, 32], image_size=[32, 32])
+    cfg["train"] = {"pretrain_cls": {"epochs": 0, "lr": 0.05}, "seg": {"epochs": 1, "lr": 0.01}}
+    cfg["method"] = {"name": "fpgm"}
+    cfg["finetune"] = {"cls": {"epochs": 0, "lr": 0.01}, "seg": {"epochs": 1, "lr": 0.01}}
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "seg.yaml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "part 'backbone': no prunable unit" in printed and "no BatchNorm" in printed
+    done = json.loads(next((out / "stages").glob("*_sparsity/done.json")).read_text())
+    assert list(done["parts_without_units"]) == ["backbone"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["parts_without_units"]) == ["backbone"] and "no BatchNorm" in metrics["parts_without_units"]["backbone"]
+    assert list(metrics["kept_per_part"]) == ["decoder"]
+    report = (out / "report.md").read_text()
+    assert "Part `backbone` was not pruned: no prunable unit" in report

@@ -11,6 +11,12 @@ removes it from all of these layers at once. Which groups are units:
   squeeze-excitation gate (a convolution whose output multiplies the channels). One unit; its
   root is the expansion convolution (the first non-depthwise producer in module order), the
   depthwise and gate convolutions are listed in ``extra["depthwise"]`` / ``extra["gates"]``.
+* *merge* (a sum of parallel branches, smp FPN's ``MergeBlock``): several convolutions produce the
+  channels, each feeds one tree of additions (or a ``torch.stack(...).sum(0)``) through layers that
+  touch channel c only (normalisation, activation, upsampling) and that nothing else reads, and only
+  the final sum is read further. Removing channel c from every branch removes it from the sum and
+  nothing else: one prunable unit (``extra["kind"] == "merge"``, not coupled), its ``convs`` / ``bns``
+  the branches' in module order, the first naming the unit.
 * *residual-coupled*: several convolutions produce the channels and their outputs are joined by
   an addition (e.g. every block output of a ResNet stage, tied by the residual additions, or the
   residual stream of a MobileNet stage). By default only uncoupled units are pruned, which for a
@@ -23,7 +29,10 @@ How coupling is decided: a group is residual-coupled if it holds more than one p
 addition/subtraction of two traced tensors (DepGraph's ``_ElementWiseOp`` with ``Add``/``Sub``
 grad_fn and two inputs). A group without any depthwise convolution keeps the rule the zoo was
 built with (more than one producing convolution = coupled; this also covers gated fusions such
-as BiSeNet's attention modules), so the zoo's units do not change.
+as BiSeNet's attention modules) unless it is a merge of parallel branches (above): a residual
+stream is never one, since the summand on its skip path is also read by the residual branch, nor
+is an FPN top-down pathway (each level is read by its own branch and by the next addition). The
+zoo's units do not change (none of its groups is a merge).
 
 Normalisation layers: a unit's scaling factors γ are the affine weights of its BatchNorms and of
 its GroupNorms (smp's FPN decoder, ``Conv3x3GNReLU``). A GroupNorm with G groups normalises each
@@ -68,7 +77,7 @@ class PruneUnit:
             expansion and after the depthwise convolution).
         channels: number of channels C of the unit.
         coupled: True for residual-coupled groups.
-        extra: ``{"kind": "plain" | "depthwise" | "coupled", "depthwise": [conv names],
+        extra: ``{"kind": "plain" | "depthwise" | "merge" | "coupled", "depthwise": [conv names],
             "gates": [conv names]}`` (the last two only for depthwise chains), plus
             ``"channel_groups": G`` when a GroupNorm normalises the channels (module docstring).
     """
@@ -147,14 +156,86 @@ def is_depthwise(conv: nn.Module) -> bool:
 
 
 def _joined_by_add(group) -> bool:
-    """True if the group holds an element-wise addition/subtraction of two traced tensors."""
-    for dep, _ in group:
-        mod = dep.target.module
-        if isinstance(mod, tp.ops._ElementWiseOp):
-            op = str(getattr(mod, "_grad_fn", "")).lower()
-            if (op.startswith("add") or op.startswith("sub")) and len(dep.target.inputs) >= 2:
-                return True
+    """True if the group holds an element-wise addition/subtraction of two traced tensors (or a
+    stack summed over its first dimension, :func:`_is_join`)."""
+    return any(_is_join(dep.target) for dep, _ in group)
+
+
+def _op_name(node) -> str:
+    """Lower-case name of the autograd function a DepGraph ``_ElementWiseOp`` node was traced from
+    (``"addbackward0"``, ``"stackbackward0"``, ...); ``""`` for other nodes."""
+    mod = node.module
+    return str(getattr(mod, "_grad_fn", "")).lower() if isinstance(mod, tp.ops._ElementWiseOp) else ""
+
+
+def _is_join(node) -> bool:
+    """True for a node that sums tensors channel by channel: an addition/subtraction of two or more
+    traced tensors, or a ``torch.stack`` whose single consumer reduces the stacked dimension
+    (``torch.stack(xs).sum(0)`` / ``.mean(0)``: smp's ``MergeBlock("add")``)."""
+    op = _op_name(node)
+    if op.startswith(("add", "sub")):
+        return len(node.inputs) >= 2
+    if op.startswith("stack"):
+        return len(node.outputs) == 1 and _op_name(node.outputs[0]).startswith(("sum", "mean"))
     return False
+
+
+def _passes_through(node) -> bool:
+    """True for a node that maps channel c to channel c alone and reads one tensor: a normalisation
+    layer, or a one-input element-wise op (activation, interpolation, dropout, a scalar add/mul)."""
+    if isinstance(node.module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return len(node.inputs) == 1
+    op = _op_name(node)
+    return bool(op) and len(node.inputs) == 1 and not op.startswith(("sum", "mean", "stack", "cat"))
+
+
+def _is_branch_merge(graph: tp.DependencyGraph, group, producers: list[nn.Module]) -> bool:
+    """True if the group's channels are a *sum of parallel branches*: every producing convolution
+    feeds, through layers that touch channel c only (normalisation, activation, upsampling) and that
+    nothing else reads, one tree of additions (or a stack summed over its first dimension), and only
+    that tree's final sum is read by other layers. smp FPN's ``MergeBlock`` (the four segmentation
+    branches summed) is one; a residual stream is not, because the summand on its skip path is also
+    read by the residual branch (a node with two consumers), and neither is an FPN top-down pathway
+    (each pyramid level is read by its segmentation branch as well as by the next addition).
+
+    Removing channel c from every branch removes it from the sum and from nothing else, so such a
+    group is one layer-width decision like a plain unit, not a stream tied through many blocks.
+    """
+    joins = [dep.target for dep, _ in group if _is_join(dep.target)]
+    if not joins or len(producers) < 2:
+        return False
+    join_ids = {id(n) for n in joins}
+    prod_ids = {id(graph.module2node[m]) for m in producers if m in graph.module2node}
+    if len(prod_ids) != len(producers):
+        return False
+    reached: set[int] = set()
+    for j in joins:
+        for n in j.inputs:
+            while True:  # back from the summand to its producer, through single-consumer channel-wise layers
+                if len(n.outputs) != 1:
+                    return False  # the summand is read elsewhere too: a skip connection
+                if id(n) in prod_ids:
+                    reached.add(id(n))
+                    break
+                if id(n) in join_ids:
+                    break
+                if not _passes_through(n):
+                    return False
+                n = n.inputs[0]
+    if reached != prod_ids:
+        return False
+
+    def feeds_join(j) -> bool:
+        n = j
+        while len(n.outputs) == 1:
+            n = n.outputs[0]
+            if id(n) in join_ids:
+                return True
+            if not (_passes_through(n) or _op_name(n).startswith(("sum", "mean"))):
+                return False
+        return False
+
+    return sum(not feeds_join(j) for j in joins) == 1  # one tree, one final sum
 
 
 def _classify(model: nn.Module, graph: tp.DependencyGraph, group, names: dict, never: set, order: dict):
@@ -205,10 +286,16 @@ def _classify(model: nn.Module, graph: tp.DependencyGraph, group, names: dict, n
     dw = [c for c in convs if is_depthwise(mods[c])]
     producers = [c for c in convs if c not in dw]
     extra: dict = {}
-    if not dw:  # the zoo's rule, unchanged: several producing convolutions = coupled
-        coupled = len(convs) > 1
+    if not dw:  # the zoo's rule: several producing convolutions = coupled, unless they are summed branches
         root = first
-        extra["kind"] = "coupled" if coupled else "plain"
+        merge = (len(convs) > 1 and all(mods[c] in aligned for c in convs)
+                 and _is_branch_merge(graph, group, [mods[c] for c in convs]))
+        coupled = len(convs) > 1 and not merge
+        extra["kind"] = "merge" if merge else ("coupled" if coupled else "plain")
+        if merge:  # the branches in module order, the first one names the unit (tracing order varies)
+            convs = sorted(convs, key=lambda c: order[c])
+            bns = sorted(bns, key=lambda b: order[b])
+            root = convs[0]
     else:
         producers.sort(key=lambda c: order[c])
         root = next((c for c in producers if mods[c] in aligned), None)
