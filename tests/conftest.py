@@ -43,3 +43,20 @@ TINY = {
 def tiny_config() -> dict:
     """A deep copy of :data:`TINY` to modify."""
     return copy.deepcopy(TINY)
+
+
+def random_seg_batches(n: int = 3, size: int = 32):
+    """A shuffled loader of ``n`` random segmentation batches of 4: images (4, 3, size, size), labels
+    (4, size, size) in 0..4 (5 classes, the tiny model's); fixed generators, so every call is the same."""
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4 * n, 3, size, size, generator=g), torch.randint(0, 5, (4 * n, size, size), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def random_cls_batches(n: int = 3):
+    """A shuffled loader of ``n`` random classification batches of 4: images (4, 3, 16, 16), targets in 0..3."""
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4 * n, 3, 16, 16, generator=g), torch.randint(0, 4, (4 * n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))

@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY
+from conftest import TINY, random_cls_batches, random_seg_batches
 from segprune.api import prune_model
 from segprune.config import ConfigError, DEFAULTS, merge
 from segprune.engine.amp import Amp, amp_mode
@@ -25,18 +24,12 @@ def _model():
     return build_model({**TINY["model"], "multi_grid": None, "aspp_rates": None}, 5, 4)
 
 
-def _loader(x, y):
-    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
-
-
 def _seg_batches(n=3):
-    g = torch.Generator().manual_seed(1)
-    return _loader(torch.randn(4 * n, 3, S, S, generator=g), torch.randint(0, 5, (4 * n, S, S), generator=g))
+    return random_seg_batches(n, S)
 
 
 def _cls_batches(n=3):
-    g = torch.Generator().manual_seed(2)
-    return _loader(torch.randn(4 * n, 3, 16, 16, generator=g), torch.randint(0, 4, (4 * n,), generator=g))
+    return random_cls_batches(n)
 
 
 def test_bf16_autocast_is_active_and_parameters_stay_float32():
