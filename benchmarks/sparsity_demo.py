@@ -9,6 +9,8 @@
     # γ quantiles; share of Σ|γ| removed; overlap of the removed channels with the magnitude control's
     # (baseline |γ|, same budget); MTP's ||W1 - W3|| / ||W3|| and Spearman(γ1, γ3)
     python benchmarks/sparsity_demo.py eval /tmp/demo15/new_mtp /tmp/demo15/new_slimming
+    # only the selection statistics (no evaluation; any run folder, e.g. the CamVid reference)
+    python benchmarks/sparsity_demo.py overlap runs/repro15/mtp_k0.5_s0 runs/repro15/slimming_k0.5_s0
 
 Prints one JSON object per run folder, then a markdown table. Single-threaded (``threads=1``).
 """
@@ -45,12 +47,54 @@ def _removed(scores: dict, units: list, prune: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def _eval(args) -> None:
+def _selection_stats(cfg: dict, run: Path, base, sparse) -> dict:
+    """Which channels the run's prune step removes (its scores at its budget) against the magnitude
+    control's (baseline |γ|, same budget): γ quantiles of the scores, the share of Σ|γ| removed, the max
+    removed score and the overlap of the removed sets; plus ``_removed`` (unit -> bool mask (C,)) and
+    ``_units`` for the caller. No evaluation: cheap on a full-size run."""
     from segprune.checkpoint import load_state_dict
+    from segprune.pipeline import stage_dir
+    from segprune.pruning import build_graph, discover_units, unit_gammas
+    p = cfg["prune"]
+    units = discover_units(sparse, build_graph(sparse, tuple(cfg["data"]["seg"]["input_size"])), p["prune_coupled"])
+    d = stage_dir(run, "sparsity")
+    f = d / "method_state.safetensors"
+    scores = load_state_dict(f if f.is_file() else d / "scores.safetensors")
+    scores = {u.name: scores[u.name].float() for u in units}
+    removed = _removed(scores, units, p)
+    magnitude = _removed(unit_gammas(base, units), units, p)
+    allv = torch.cat([s.flatten() for s in scores.values()]).double()
+    n_rem = sum(int(m.sum()) for m in removed.values())
+    out = {"gamma_q10": round(float(allv.quantile(0.1)), 4), "gamma_q50": round(float(allv.quantile(0.5)), 4),
+           "removed_share_of_sum_gamma": round(sum(float(scores[n][m].sum()) for n, m in removed.items())
+                                               / float(allv.sum()), 4),
+           "removed_max_gamma": round(max(float(scores[n][m].max()) for n, m in removed.items() if m.any()), 4),
+           "overlap_with_magnitude": round(sum(int((removed[n] & magnitude[n]).sum()) for n in removed) / n_rem, 3),
+           "_removed": removed, "_units": units}
+    done = json.loads((d / "done.json").read_text())
+    for k in ("mu", "gap_rel", "spearman_gamma13"):
+        if k in done:
+            out[k] = done[k]
+    return out
+
+
+def _overlap(args) -> None:
+    from segprune.config import read_run_config
+    from segprune.pipeline import load_run_model, stage_dir
+    torch.set_num_threads(1)
+    for run in map(Path, args.runs):
+        cfg = read_run_config(run)
+        base, _ = load_run_model(stage_dir(run, "train_seg"))
+        sparse, _ = load_run_model(stage_dir(run, "sparsity"))
+        st = _selection_stats(cfg, run, base, sparse)
+        st.pop("_removed"), st.pop("_units")
+        print(json.dumps({"run": run.name, "method": cfg["method"]["name"], **st}), flush=True)
+
+
+def _eval(args) -> None:
     from segprune.config import read_run_config
     from segprune.engine.evaluate import evaluate_segmentation
     from segprune.pipeline import Pipeline, load_run_model, stage_dir
-    from segprune.pruning import build_graph, discover_units, unit_gammas
     torch.set_num_threads(1)
     rows = []
     for run in map(Path, args.runs):
@@ -70,36 +114,19 @@ def _eval(args) -> None:
         pruned_dir = stage_dir(run, "prune")
         if (pruned_dir / "done.json").is_file():
             out["after_removal"] = miou(load_run_model(pruned_dir)[0])
-        p = cfg["prune"]
-        units = discover_units(sparse, build_graph(sparse, tuple(cfg["data"]["seg"]["input_size"])), p["prune_coupled"])
-        d = stage_dir(run, "sparsity")
-        f = d / "method_state.safetensors"
-        scores = load_state_dict(f if f.is_file() else d / "scores.safetensors")
-        scores = {u.name: scores[u.name].float() for u in units}
-        removed = _removed(scores, units, p)
-        magnitude = _removed(unit_gammas(base, units), units, p)
+        out.update(_selection_stats(cfg, run, base, sparse))
         mods = dict(sparse.named_modules())
+        removed = out.pop("_removed")
         with torch.no_grad():          # exact removal with β compensation = the removed γ at 0, β kept
-            for u in units:
+            for u in out.pop("_units"):
                 for b in u.bns:
                     mods[b].weight[removed[u.name]] = 0.0
         out["after_removal_exact"] = miou(sparse)
-        allv = torch.cat([s.flatten() for s in scores.values()]).double()
-        out["gamma_q10"], out["gamma_q50"] = round(float(allv.quantile(0.1)), 4), round(float(allv.quantile(0.5)), 4)
-        out["removed_share_of_sum_gamma"] = round(sum(float(scores[n][m].sum()) for n, m in removed.items())
-                                                  / float(allv.sum()), 4)
-        out["removed_max_gamma"] = round(max(float(scores[n][m].max()) for n, m in removed.items() if m.any()), 4)
-        n_rem = sum(int(m.sum()) for m in removed.values())
-        out["overlap_with_magnitude"] = round(sum(int((removed[n] & magnitude[n]).sum()) for n in removed) / n_rem, 3)
         mf = run / "metrics.json"
         if mf.is_file():
             mt = json.loads(mf.read_text())
             out["final"] = round(100 * mt["pruned"]["miou"], 2)
             out["flops_ratio"] = round(mt["pruned"]["flops"] / mt["baseline"]["flops"], 4)
-        done = json.loads((d / "done.json").read_text())
-        for k in ("mu", "gap_rel", "spearman_gamma13"):
-            if k in done:
-                out[k] = done[k]
         print(json.dumps(out), flush=True)
         rows.append(out)
     cols = ["run", "method", "l1_schedule", "baseline", "after_sparsity", "after_removal", "after_removal_exact", "final",
@@ -119,8 +146,10 @@ def main() -> None:
     r.add_argument("--stop-after", default=None, help="last stage to run (e.g. prune)")
     e = sub.add_parser("eval", help="evaluate every stage of run folders")
     e.add_argument("runs", nargs="+")
+    o = sub.add_parser("overlap", help="removed channels vs the magnitude control's, without evaluating (full-size runs)")
+    o.add_argument("runs", nargs="+")
     args = ap.parse_args()
-    (_run if args.cmd == "run" else _eval)(args)
+    {"run": _run, "eval": _eval, "overlap": _overlap}[args.cmd](args)
 
 
 if __name__ == "__main__":
