@@ -11,6 +11,10 @@
     python benchmarks/sparsity_demo.py eval /tmp/demo15/new_mtp /tmp/demo15/new_slimming
     # only the selection statistics (no evaluation; any run folder, e.g. the CamVid reference)
     python benchmarks/sparsity_demo.py overlap runs/repro15/mtp_k0.5_s0 runs/repro15/slimming_k0.5_s0
+    # capacity check: the widths a run's prune stage chose (or the full network), randomly initialised
+    # and trained with the baseline's schedule (classification pre-training + segmentation training)
+    python benchmarks/sparsity_demo.py scratch /tmp/demo15/scratch_pruned --widths /tmp/demo_final/stages/04_prune
+    python benchmarks/sparsity_demo.py scratch /tmp/demo15/scratch_full
 
 Prints one JSON object per run folder, then a markdown table. Single-threaded (``threads=1``).
 """
@@ -136,6 +140,43 @@ def _eval(args) -> None:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 
 
+def _scratch(args) -> None:
+    """The baseline's two stages (Pipeline.run up to train_seg) on a network built at ``--widths``
+    (an ``arch.json``'s widths; none = the full network) with every layer's default initialisation
+    (``reset_parameters``; applied to the full network too, so that both differ only in width)."""
+    import segprune.pipeline as pipeline
+    from segprune.checkpoint import load_into_model, load_json, load_state_dict
+    from segprune.config import apply_overrides, demo_config, validate
+    from segprune.engine.evaluate import evaluate_segmentation
+    from segprune.pruning import apply_widths
+    cfg = demo_config()
+    apply_overrides(cfg, list(args.set) + ["threads=1"])
+    validate(cfg)
+    widths = load_json(Path(args.widths) / "arch.json")["widths"] if args.widths else None
+    build = pipeline.build_model
+
+    def build_at_widths(*a, **k):
+        m = build(*a, **k)
+        if widths:
+            apply_widths(m, widths, source=args.widths)
+        for mod in m.modules():
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+        return m
+
+    pipeline.build_model = build_at_widths
+    t = time.perf_counter()
+    p = pipeline.Pipeline(cfg, args.out, quiet=True)
+    p.run(stop_after="train_seg")
+    # the stage's arch.json records no widths (the pipeline believes it built the full network)
+    model = build_at_widths(dict(cfg["model"]), p.num_classes, p.cls_classes)
+    f = pipeline.stage_dir(args.out, "train_seg") / "model.safetensors"
+    load_into_model(model, load_state_dict(f), str(f))
+    r = evaluate_segmentation(model.eval(), p._eval_loaders()[0], p.num_classes, p.ignore_index)
+    print(json.dumps({"run": args.out, "widths": args.widths, "params": sum(t.numel() for t in model.parameters()),
+                      "miou": round(100 * r["miou"], 2), "wall_s": round(time.perf_counter() - t)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -148,8 +189,13 @@ def main() -> None:
     e.add_argument("runs", nargs="+")
     o = sub.add_parser("overlap", help="removed channels vs the magnitude control's, without evaluating (full-size runs)")
     o.add_argument("runs", nargs="+")
+    c = sub.add_parser("scratch", help="a network at a run's pruned widths (or full) trained from random init "
+                                       "with the baseline's schedule")
+    c.add_argument("out")
+    c.add_argument("--widths", default=None, help="a stage folder whose arch.json widths to build (e.g. <run>/stages/04_prune)")
+    c.add_argument("--set", nargs="*", default=[], help="key=value overrides of the demo config")
     args = ap.parse_args()
-    {"run": _run, "eval": _eval, "overlap": _overlap}[args.cmd](args)
+    {"run": _run, "eval": _eval, "overlap": _overlap, "scratch": _scratch}[args.cmd](args)
 
 
 if __name__ == "__main__":
