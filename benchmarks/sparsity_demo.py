@@ -143,7 +143,9 @@ def _eval(args) -> None:
 def _scratch(args) -> None:
     """The baseline's two stages (Pipeline.run up to train_seg) on a network built at ``--widths``
     (an ``arch.json``'s widths; none = the full network) with every layer's default initialisation
-    (``reset_parameters``; applied to the full network too, so that both differ only in width)."""
+    (``reset_parameters``; applied to the full network too, so that both differ only in width).
+    The folder's stages carry the demo baseline's fingerprints but not its network: never pass it to
+    ``run --share``."""
     import segprune.pipeline as pipeline
     from segprune.checkpoint import load_into_model, load_json, load_state_dict
     from segprune.config import apply_overrides, demo_config, validate
