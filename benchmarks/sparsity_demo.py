@@ -147,7 +147,7 @@ def _scratch(args) -> None:
     The folder's stages carry the demo baseline's fingerprints but not its network: never pass it to
     ``run --share``."""
     import segprune.pipeline as pipeline
-    from segprune.checkpoint import load_into_model, load_json, load_state_dict
+    from segprune.checkpoint import load_json, save_json
     from segprune.config import apply_overrides, demo_config, validate
     from segprune.engine.evaluate import evaluate_segmentation
     from segprune.pruning import apply_widths
@@ -166,14 +166,19 @@ def _scratch(args) -> None:
                 mod.reset_parameters()
         return m
 
-    pipeline.build_model = build_at_widths
     t = time.perf_counter()
     p = pipeline.Pipeline(cfg, args.out, quiet=True)
-    p.run(stop_after="train_seg")
-    # the stage's arch.json records no widths (the pipeline believes it built the full network)
-    model = build_at_widths(dict(cfg["model"]), p.num_classes, p.cls_classes)
-    f = pipeline.stage_dir(args.out, "train_seg") / "model.safetensors"
-    load_into_model(model, load_state_dict(f), str(f))
+    if not (pipeline.stage_dir(args.out, "train_seg") / "done.json").is_file():
+        pipeline.build_model = build_at_widths
+        try:
+            p.run(stop_after="train_seg")
+        finally:
+            pipeline.build_model = build
+        if widths:  # the stages recorded the full architecture: record the widths their weights have
+            for stage in ("pretrain_cls", "train_seg"):
+                f = pipeline.stage_dir(args.out, stage) / "arch.json"
+                save_json(f, {**load_json(f), "widths": widths})
+    model, _ = pipeline.load_run_model(pipeline.stage_dir(args.out, "train_seg"))
     r = evaluate_segmentation(model.eval(), p._eval_loaders()[0], p.num_classes, p.ignore_index)
     print(json.dumps({"run": args.out, "widths": args.widths, "params": sum(t.numel() for t in model.parameters()),
                       "miou": round(100 * r["miou"], 2), "wall_s": round(time.perf_counter() - t)}))
