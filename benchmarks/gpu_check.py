@@ -31,6 +31,7 @@ the earlier one); not measured for the ``torchrun`` check (separate processes).
 
     python benchmarks/gpu_check.py --device cpu --out runs/gpu_check
     python benchmarks/gpu_check.py --device cuda --out runs/gpu_check_cuda --torchrun 2   # needs 2 GPUs
+    python benchmarks/gpu_check.py --device cuda --amp fp16 --out runs/gpu_check_fp16     # train.amp of every run
 """
 from __future__ import annotations
 
@@ -86,9 +87,10 @@ class Interrupted(Exception):
     """Raised at the in-stage fault point to simulate a killed process."""
 
 
-def _config(method: str, device: str, threads: int) -> dict:
+def _config(method: str, device: str, threads: int, amp: str = "off") -> dict:
     raw = copy.deepcopy(TINY)
     raw["device"], raw["threads"] = device, threads
+    raw["train"]["amp"] = amp
     raw["method"]["name"] = method
     if method == "mtp":
         raw["method"].update(MTP_KEYS)
@@ -216,7 +218,7 @@ def _output_to(path: Path):
 # ---------------------------------------------------------------------------------------------------------
 def check_baseline(ctx) -> dict:
     from segprune.pipeline import Pipeline
-    cfg = _load(_config(ctx.methods[0], ctx.spec, ctx.threads), ctx.cfg_dir, "baseline")
+    cfg = _load(_config(ctx.methods[0], ctx.spec, ctx.threads, ctx.amp), ctx.cfg_dir, "baseline")
     Pipeline(cfg, ctx.base, quiet=True).run(stop_after="train_seg")
     info = _stage_info(ctx.base)
     missing = [s for s in ("pretrain_cls", "train_seg") if s not in info]
@@ -228,7 +230,7 @@ def check_baseline(ctx) -> dict:
 def check_pipeline(ctx, method: str) -> dict:
     from segprune.pipeline import STAGES, Pipeline
     run = ctx.runs / method
-    cfg = _load(_config(method, ctx.spec, ctx.threads), ctx.cfg_dir, method)
+    cfg = _load(_config(method, ctx.spec, ctx.threads, ctx.amp), ctx.cfg_dir, method)
     m = Pipeline(cfg, run, quiet=True, share=[ctx.base]).run()
     info = _stage_info(run)
     missing = [s for s in STAGES if s != "evaluate" and s not in info]
@@ -252,7 +254,7 @@ def check_resume(ctx, method: str) -> dict:
     if method not in ctx.finished:
         raise AssertionError("no finished pipeline run of this method to compare with (pipeline check failed)")
     run = ctx.runs / f"{method}_resume"
-    cfg = _load(_config(method, ctx.spec, ctx.threads), ctx.cfg_dir, method)
+    cfg = _load(_config(method, ctx.spec, ctx.threads, ctx.amp), ctx.cfg_dir, method)
     fired = []
 
     def fault(stage, it):
@@ -403,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the first method under torchrun with N processes and compare with 1 process "
                          "(N GPUs with --device cuda; gloo processes on the CPU)")
     ap.add_argument("--torchrun-timeout", type=int, default=900, help="seconds (default 900)")
+    ap.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                    help="train.amp of every run (fp16 needs CUDA; default off)")
     ap.add_argument("--quiet", action="store_true", help="print only the final table")
     a = ap.parse_args(argv)
 
@@ -416,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = [m for m in methods if m not in known]
         if bad or not methods:
             raise ConfigError(f"--methods: unknown {bad or '(empty)'} (registered: {', '.join(known)})")
+        if a.amp == "fp16" and device.type != "cuda":
+            raise ConfigError(f"--amp fp16 needs a CUDA device (got --device {a.device}); use --amp bf16 on the CPU")
         if a.threads < 1 or a.torchrun < 0 or a.torchrun == 1:
             raise ConfigError("--threads must be >= 1 and --torchrun 0 (off) or >= 2")
         if a.torchrun and device.type == "cuda" and torch.cuda.device_count() < a.torchrun:
@@ -441,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     (runs / MARKER).write_text("made by benchmarks/gpu_check.py; replaced on its next run\n")
     ctx = Ctx()
     ctx.spec, ctx.device, ctx.threads, ctx.quiet, ctx.methods = a.device, device, a.threads, a.quiet, methods
+    ctx.amp = a.amp
     ctx.out, ctx.runs, ctx.cfg_dir, ctx.base = out, runs, runs / "configs", runs / "_baseline"
     ctx.cfg_dir.mkdir()
     ctx.finished, ctx.torchrun_timeout = {}, a.torchrun_timeout
@@ -460,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.torchrun:
         _row(rows, methods[0], f"torchrun{a.torchrun}", ctx, check_torchrun, methods[0], a.torchrun, children=True)
     failed = sum(r["status"] != "pass" for r in rows)
-    res = {"format": "segprune-gpu-check/1", "device": describe_device(device), "device_spec": a.device,
+    res = {"format": "segprune-gpu-check/1", "device": describe_device(device), "device_spec": a.device, "amp": a.amp,
            "torch_version": torch.__version__, "iters": ITERS, "threads": a.threads, "methods": methods,
            "peak_mem_note": ("torch.cuda.max_memory_allocated per check" if device.type == "cuda" else
                              "max resident set size of this process so far (getrusage; monotone)") +

@@ -233,6 +233,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         apply_overrides(cfg, overrides or [])
     except ConfigError as exc:
         problems.append(str(exc))
+    tr = cfg.get("train")
+    if isinstance(tr, dict) and tr.get("amp") is False:  # YAML 1.1 reads a bare `off` as false
+        tr["amp"] = "off"
     problems += validate(cfg, raise_error=False)
     if problems:
         raise ConfigError(f"invalid config {src}:\n  " + "\n  ".join(problems))

@@ -188,3 +188,14 @@ def test_acosp_mask_training_runs_in_bf16_autocast():
     assert out["bf16"][0]["kept"] == out["off"][0]["kept"]
     assert {n: k.numel() for n, k in out["bf16"][1].items()} == {n: k.numel() for n, k in out["off"][1].items()}
     assert out["bf16"][0]["loss"] != out["off"][0]["loss"]
+
+
+def test_bare_off_in_yaml_and_set_means_off(tmp_path):
+    # YAML 1.1 reads a bare `off` as false: in a config file and in `--set train.amp=off`
+    from segprune.config import load_config
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  amp: off\n")
+    assert load_config(p)["train"]["amp"] == "off"
+    assert load_config(None, ["train.amp=bf16", "train.amp=off"])["train"]["amp"] == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=on"])  # `on` is true in YAML 1.1: still an error, not bf16
