@@ -80,6 +80,8 @@ DEFAULTS: dict[str, Any] = {
         # rho: "auto" = mu reaches mu_max at the last multiplier update (MTP Eq. 10; [ours]), or a number > 1
         "lam": 1.0, "alpha1": 1e-3, "alpha2": 1e-3, "mu0": 0.01, "rho": "auto", "mu_max": 10.0, "update_every": 20,
         "keep_copy": "w3", "max_iters_per_epoch": None,
+        # MTP: weight of l_cls in the W1 step (Eq. 7); 1 = the paper; 0 = an ablation (classification loss off) [ours]
+        "cls_weight": 1.0,
         # the ℓ1 term of the γ methods (mtp, slimming, cap; segprune/methods/sparsity.py): l1_mode proximal (ISTA on
         # a momentum-free γ group) | subgradient; l1_schedule growing (ours: the channels the budget removes are
         # driven to γ = 0 before removal) | constant (the papers' α); l1_eps: γ count as zero below

@@ -109,3 +109,33 @@ def test_l1_steps():
 def test_rho_must_exceed_one():
     with pytest.raises(ValueError, match="rho"):
         _setup(rho=1.0)
+
+
+def test_cls_weight_zero_switches_the_classification_gradient_off():
+    # W1 = W3 at the start, E = 0, no ℓ1, no decay: with l_cls off nothing moves W1's parameters;
+    # with the paper's weight 1 the classification step does, and the reported l_cls is the same
+    xc, yc, _, _ = _batches(1)[0]
+    moved, losses = {}, {}
+    for w in (0.0, 1.0):
+        m, units, mtp = _setup(cls_weight=w, alpha1=0.0, alpha2=0.0)
+        before = [p.detach().clone() for p in mtp.w1.parameters()]
+        losses[w] = mtp.step_w1(xc, yc, 0.05)
+        moved[w] = max((p.detach() - b).abs().max().item() for p, b in zip(mtp.w1.parameters(), before))
+    assert moved[0.0] < 1e-6  # the proximal coupling step of W1 = W3 rounds at float32's last bit
+    assert moved[1.0] > 1e-4
+    assert losses[0.0] == pytest.approx(losses[1.0], rel=1e-6)
+
+
+def test_cls_weight_enters_the_fingerprint_only_away_from_its_default():
+    import copy
+    from segprune.config import ConfigError, DEFAULTS, load_config, merge
+    from segprune.pipeline import stage_fingerprints
+    cfg = merge(DEFAULTS, {"method": {"name": "mtp"}})
+    legacy = copy.deepcopy(cfg)
+    del legacy["method"]["cls_weight"]  # a run folder made before the key existed
+    assert stage_fingerprints(legacy) == stage_fingerprints(cfg)
+    cfg["method"]["cls_weight"] = 0.0
+    assert stage_fingerprints(cfg)["sparsity"] != stage_fingerprints(legacy)["sparsity"]
+    assert stage_fingerprints(cfg)["train_seg"] == stage_fingerprints(legacy)["train_seg"]  # the baseline is shared
+    with pytest.raises(ConfigError, match="method.cls_weight=-1"):
+        load_config(None, ["method.cls_weight=-1"])

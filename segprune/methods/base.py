@@ -147,6 +147,9 @@ class PruningMethod:
     #: the ``method:`` keys this method reads. They, and nothing else, are visible in ``self.cfg``
     #: and enter the stage fingerprints (runs differing only in another method's keys share stages).
     config_keys: tuple[str, ...] = ()
+    #: keys of :attr:`config_keys` added after run folders existed (key -> default): at their default they
+    #: stay out of the stage fingerprints, so those runs keep theirs (MTP's ``cls_weight``)
+    FINGERPRINT_DEFAULTS: dict = {}
     #: True when the widths are decided before :meth:`train` (ACoSP trains masks for a fixed k per
     #: unit): a FLOPs target is then met by choosing the training keep ratio with
     #: :meth:`fixed_widths` before training (``segprune.pruning.search.search_training_keep_ratio``),
@@ -397,7 +400,9 @@ def method_config(cfg: Mapping) -> dict:
     _load_all()
     name = cfg["name"]
     cls = METHODS[name]
-    out = {"name": name, **{k: cfg.get(k) for k in cls.config_keys}}
+    late = cls.FINGERPRINT_DEFAULTS  # keys added later: absent or at their default, they stay out
+    out = {"name": name, **{k: cfg.get(k) for k in cls.config_keys
+                            if not (k in late and cfg.get(k, late[k]) == late[k])}}
     opts = {**cls.OPTIONS, **(cfg.get("options") or {})}
     if opts:  # only methods with options: the fingerprints of the others stay as they were
         out["options"] = opts

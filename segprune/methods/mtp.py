@@ -90,7 +90,7 @@ __all__ = ["MTP", "MultiTaskPruning", "run_mtp", "l1_prox_", "l1_subgradient_", 
 
 #: the ``method:`` keys MTP reads
 MTP_CONFIG_KEYS = ("epochs", "lr_seg", "lr_cls", "momentum", "weight_decay", "lam", "alpha1", "alpha2", "mu0", "rho",
-                   "mu_max", "update_every", *SPARSITY_CONFIG_KEYS, "keep_copy", "max_iters_per_epoch")
+                   "mu_max", "update_every", *SPARSITY_CONFIG_KEYS, "keep_copy", "max_iters_per_epoch", "cls_weight")
 
 
 def l1_prox_(gammas: list[torch.Tensor], threshold: float) -> None:
@@ -185,7 +185,8 @@ class MTP:
         units: prunable units (``segprune.pruning.discover_units``); ℓ1 acts on their γ.
         cfg: the ``method:`` config section (lam, alpha1, alpha2, mu0, rho, mu_max, lr_seg,
             lr_cls, momentum, weight_decay, l1_mode, keep_copy; l1_schedule, l1_eps, l1_ramp,
-            missing ones = the constant schedule).
+            missing ones = the constant schedule; cls_weight, missing = 1: the weight of l_cls in
+            the W1 step, 0 switches the classification loss off, an ablation of ours).
         total_steps: planned iterations T (for ``rho: auto`` and the ℓ1 schedule); None = unknown.
         budget, select, input_size, log: for the growing ℓ1 schedule (``methods.sparsity``): the
             pruning budget, ``select(scores, p, mode, min_channels)`` (the method's
@@ -216,6 +217,9 @@ class MTP:
             self.rho = float(cfg["rho"])
         branch, rel, heads = cls_branch(model)
         self.model, self.cfg = model, cfg
+        #: weight of l_cls in the W1 step (``method.cls_weight``; 1 = Eq. 7; 0 = an ablation: no
+        #: classification gradient, W1 then moves only by the coupling, ℓ1 and weight decay) [ours]
+        self.cls_weight = float(cfg.get("cls_weight", 1.0))
         self.rel, self.heads = rel, heads
         self.w1 = copy.deepcopy(branch)
         #: class logits (N, K_cls) of W1 for images (N, C, h, w)
@@ -295,6 +299,8 @@ class MTP:
         else:  # this rank's share of the global mean
             loss = ddp.share(F.cross_entropy(logits, y, reduction="sum"), denom)
         value = self._read(loss, read and denom is None, W1_STAGE)  # single process: checked before the step
+        if self.cls_weight != 1.0:  # the ablation switch; the value reported stays l_cls
+            loss = loss * self.cls_weight
         self.opt1.zero_grad(set_to_none=True)
         self.amp1.backward(loss, self.opt1)  # several processes: l_cls's gradients summed over ranks (DDP)
         if denom is not None:
@@ -525,6 +531,7 @@ class MultiTaskPruning(PruningMethod):
     per_layer = False
     needs_classification = True
     config_keys = MTP_CONFIG_KEYS
+    FINGERPRINT_DEFAULTS = {"cls_weight": 1.0}  # runs made before the key existed keep their fingerprints
     legacy_state_file = "scores.safetensors"  # run folders written before MTP was a PruningMethod
 
     def __init__(self, cfg, input_size: tuple[int, int] | None = None):
@@ -554,6 +561,8 @@ class MultiTaskPruning(PruningMethod):
         need(_num(c["update_every"]) and isinstance(c["update_every"], int) and c["update_every"] > 0, "update_every",
              "must be a positive integer")
         need(c["keep_copy"] in ("w1", "w3"), "keep_copy", "must be 'w1' or 'w3'")
+        need(_num(c.get("cls_weight", 1.0)) and c.get("cls_weight", 1.0) >= 0, "cls_weight",
+             "must be a number >= 0 (weight of l_cls in Eq. 7; 1 = the paper, 0 = classification loss off)")
         return bad
 
     @classmethod
