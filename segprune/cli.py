@@ -185,8 +185,11 @@ def cmd_benchmark(args) -> int:
     if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1) or min(args.batch or [1]) < 1:
         raise ConfigError("--runs and --batch must be >= 1, --warmup >= 0, --threads >= 1")
     dev = resolve_device(args.device) if args.device is not None else None  # before anything is read or written
-    res = benchmark(args.target, batches=args.batch or [1, 8], runs=args.runs, warmup=args.warmup,
-                    threads=args.threads, onnx=args.onnx, opset=args.opset, device=dev)
+    try:
+        res = benchmark(args.target, batches=args.batch or [1, 8], runs=args.runs, warmup=args.warmup,
+                        threads=args.threads, onnx=args.onnx, opset=args.opset, device=dev, cuda_graph=args.cuda_graph)
+    except ValueError as exc:  # e.g. --cuda-graph on the CPU: said before anything is written
+        raise ConfigError(str(exc)) from exc
     out = Path(args.out) if args.out else (Path(args.target) if res["kind"] == "run" else Path("runs") / f"benchmark_{Path(args.target).stem}")
     print(render_benchmark(res))
     js, md = write_benchmark(res, out)
@@ -247,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for benchmark.json/.md (default: the run folder; runs/benchmark_<config name> for a config)")
     b.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default: the config's device key, auto); "
                    "cuda: eager latency from CUDA events after warm-up, ORT's CUDA provider where installed")
+    b.add_argument("--cuda-graph", action="store_true", help="CUDA only: also time each model as a CUDA-graph replay "
+                   "(no per-kernel launch cost; what small batches on a fast GPU are bound by)")
     b.set_defaults(fn=cmd_benchmark)
     return ap
 

@@ -497,7 +497,7 @@ def _load_target(target: str | Path) -> tuple[str, dict, dict[str, nn.Module], d
 
 def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 20, warmup: int = 5,
               threads: int | None = None, onnx: bool = True, opset: int = DEFAULT_OPSET,
-              device: str | torch.device | None = "cpu") -> dict:
+              device: str | torch.device | None = "cpu", cuda_graph: bool = False) -> dict:
     """Eager and ONNX Runtime latency, params and FLOPs of a run's models or a config's model.
 
     ``target`` is a run folder (models ``baseline`` = stages/*_train_seg when finished, and
@@ -518,6 +518,8 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
             latency from CUDA events after the warm-up (``measure_latency``), ORT with its CUDA provider
             when installed (else ORT is left out, said in ``ort_note``); the ONNX files are exported on
             the CPU, then the models are moved to the device.
+        cuda_graph: CUDA only: also time each model as one CUDA-graph replay per forward pass
+            (``measure_latency(cuda_graph=True)``: no per-kernel launch cost), backend ``"graph"``.
 
     Returns:
         ``{"format", "source", "kind": "run"|"config", "input_size": [H, W], "batches", "runs",
@@ -532,7 +534,8 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
     Raises:
         ConfigError: not a run folder / unfinished run / invalid config / bad opset.
         CheckpointError, DataError: unreadable stage files or config data.
-        ValueError: a batch, ``runs``, ``warmup`` or ``threads`` out of range.
+        ValueError: a batch, ``runs``, ``warmup`` or ``threads`` out of range; ``cuda_graph`` on a
+            device that is not CUDA.
     """
     batches = [int(b) for b in batches]
     if not batches or min(batches) < 1:
@@ -549,13 +552,14 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
     if threads is None:
         threads = int(cfg["eval"].get("threads") or cfg.get("threads") or torch.get_num_threads())
     return benchmark_models(models, run_input_size(cfg), src, source=str(target), kind=kind, batches=batches,
-                            runs=runs, warmup=warmup, threads=threads, onnx=onnx, opset=opset, device=dev)
+                            runs=runs, warmup=warmup, threads=threads, onnx=onnx, opset=opset, device=dev,
+                            cuda_graph=cuda_graph)
 
 
 def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dict[str, str] | None = None,
                      source: str = "models", kind: str = "models", batches: Sequence[int] = (1, 8), runs: int = 20,
                      warmup: int = 5, threads: int | None = None, onnx: bool = True, opset: int = DEFAULT_OPSET,
-                     device: str | torch.device | None = "cpu") -> dict:
+                     device: str | torch.device | None = "cpu", cuda_graph: bool = False) -> dict:
     """:func:`benchmark` of networks given as modules (e.g. a library model and its pruned copy).
 
     Args:
@@ -568,7 +572,8 @@ def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dic
         :func:`benchmark`'s dict. The models are put in eval mode (and moved to ``device``).
 
     Raises:
-        ValueError: a batch, ``runs``, ``warmup``, ``threads`` or ``size`` out of range, or a bad opset.
+        ValueError: a batch, ``runs``, ``warmup``, ``threads`` or ``size`` out of range, a bad opset, or
+            ``cuda_graph`` on a device that is not CUDA.
     """
     from .engine.profile import count_flops, count_params, measure_latency
     batches = [int(b) for b in batches]
@@ -585,6 +590,8 @@ def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dic
     if onnx:
         _check_opset(opset)
     dev = device if isinstance(device, torch.device) else resolve_device(device) if device is not None else resolve_device("cpu")
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError(f"cuda_graph (--cuda-graph) needs a CUDA device, got {dev}")
     src = src or {name: type(m).__name__ for name, m in models.items()}
     ort_note = None
     if onnx and dev.type == "cuda" and not ort_cuda_available():  # not run on a GPU in this project
@@ -621,6 +628,12 @@ def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dic
                 _m, size, batch_size=_b, threads=threads, warmup=w, runs=n)) for name, m in models.items()}, runs, warmup)
             for name, lat in eager.items():
                 out["models"][name]["latency"][str(b)]["eager"] = lat
+            if cuda_graph:
+                graph = interleaved_latency({name: (lambda n, w, _m=m, _b=b: measure_latency(
+                    _m, size, batch_size=_b, threads=threads, warmup=w, runs=n, cuda_graph=True))
+                    for name, m in models.items()}, runs, warmup)
+                for name, lat in graph.items():
+                    out["models"][name]["latency"][str(b)]["graph"] = lat
             if sessions:
                 ort_lat = interleaved_latency({name: (lambda n, w, _s=sess, _b=b: measure_ort_latency(_s, size, _b, w, n, dev))
                                                for name, sess in sessions.items()}, runs, warmup)
@@ -631,7 +644,7 @@ def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dic
         out["ratios"] = {}
         for b in map(str, batches):
             r = {k: pm[k] / bm[k] for k in ("flops", "macs", "params")}
-            for be in ("eager", "ort"):
+            for be in ("eager", "ort", "graph"):
                 if be in bm["latency"][b]:
                     r[be] = pm["latency"][b][be]["median_ms"] / bm["latency"][b][be]["median_ms"]
             out["ratios"][b] = r
@@ -649,9 +662,11 @@ def render_benchmark(res: dict) -> str:
     h, w = res["input_size"]
     ort_v = res["onnxruntime_version"] or "not used (--no-onnx)"
     d = res.get("device") or {}  # results written before the key existed: the CPU
+    graph = any("graph" in lat for m in res["models"].values() for lat in m["latency"].values())
     gpu = []
-    if d.get("type") == "cuda":  # not run on a GPU in this project
+    if d.get("type") == "cuda":
         gpu.append(f"Device: cuda:{d.get('index')} ({d.get('name')}): eager latency from CUDA events after the warm-up"
+                   + ("; CUDA graph: one replay of the captured forward pass per timed run" if graph else "")
                    + ("; ORT with its CUDAExecutionProvider, input and output bound on the device." if res["opset"] else "."))
     if res.get("ort_note"):
         gpu.append(res["ort_note"] + ".")
@@ -664,18 +679,19 @@ def render_benchmark(res: dict) -> str:
         + (f", ONNX opset {res['opset']} (TorchScript exporter)." if res["opset"] else "."),
         *gpu,
         f"{res['flops_note']}.", "",
-        "| model | batch | params (M) | GFLOPs | GMACs | eager ms | ORT ms |", "|---|---|---|---|---|---|---|",
+        "| model | batch | params (M) | GFLOPs | GMACs | eager ms | ORT ms |" + (" CUDA graph ms |" if graph else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if graph else ""),
     ]
     for b in map(str, res["batches"]):
         for name, m in res["models"].items():
             lat = m["latency"][b]
             lines.append(f"| {name} | {b} | {m['params'] / 1e6:.4g} | {m['flops'] / 1e9:.4g} | {m['macs'] / 1e9:.4g} | "
-                         f"{_ms(lat.get('eager'))} | {_ms(lat.get('ort'))} |")
+                         f"{_ms(lat.get('eager'))} | {_ms(lat.get('ort'))} |" + (f" {_ms(lat.get('graph'))} |" if graph else ""))
         r = res.get("ratios", {}).get(b)
         if r:
             f = lambda k: f"{r[k]:.3f}x" if k in r else "–"  # noqa: E731
             lines.append(f"| **pruned / baseline** | {b} | {f('params')} | {f('flops')} | {f('macs')} | "
-                         f"{f('eager')} | {f('ort')} |")
+                         f"{f('eager')} | {f('ort')} |" + (f" {f('graph')} |" if graph else ""))
     return "\n".join(lines) + "\n"
 
 

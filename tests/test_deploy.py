@@ -246,3 +246,21 @@ def test_benchmark_models_times_modules_given_directly():
             assert r[be] == lat["pruned"] / lat["baseline"] and min(lat.values()) > 0
     with pytest.raises(ValueError, match="input size"):
         benchmark_models({"baseline": net(4)}, (0, 8), onnx=False)
+
+
+def test_benchmark_cuda_graph_refused_on_the_cpu_and_rendered_when_present(run, tmp_path, capsys):
+    """--cuda-graph on the CPU: a clear error before anything is written. A result holding CUDA-graph
+    timings (as written on a GPU) renders them as their own column and ratio."""
+    from segprune.deploy import benchmark_models, render_benchmark
+    out = tmp_path / "bench_graph"
+    assert main(["benchmark", str(run), "--device", "cpu", "--cuda-graph", "--no-onnx", "--runs", "1",
+                 "--out", str(out)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not out.exists()
+    res = benchmark_models({"baseline": torch.nn.Conv2d(3, 8, 1), "pruned": torch.nn.Conv2d(3, 4, 1)}, (8, 8),
+                           batches=[1], runs=1, warmup=0, threads=1, onnx=False)
+    assert "CUDA graph" not in render_benchmark(res)
+    for name, ms in (("baseline", 4.0), ("pruned", 1.0)):
+        res["models"][name]["latency"]["1"]["graph"] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms}
+    res["ratios"]["1"]["graph"] = 0.25
+    md = render_benchmark(res)
+    assert "CUDA graph ms" in md and "0.250x" in md and "4.00" in md

@@ -107,3 +107,12 @@ def test_profile_model_keys():
     assert r["flops"] == 2 * 8 * 27 * 256 and r["macs"] == r["flops"] // 2
     assert r["latency_ms"] == r["latency"]["latency_ms"] > 0
     assert r["latency"]["runs"] == 2
+
+
+def test_cuda_graph_latency_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the graph path runs in benchmarks/gpu_check.py territory")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        measure_latency(nn.Conv2d(3, 4, 1), (8, 8), cuda_graph=True, runs=1, warmup=0)
+    r = measure_latency(nn.Conv2d(3, 4, 1), (8, 8), runs=1, warmup=0)
+    assert "cuda_graph" not in r  # eager results keep the keys they had

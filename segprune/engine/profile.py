@@ -132,6 +132,7 @@ def measure_latency(
     warmup: int = 5,
     runs: int = 20,
     in_channels: int = 3,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Wall-clock forward latency on a ``(batch_size, in_channels, H, W)`` zero input.
 
@@ -140,7 +141,11 @@ def measure_latency(
     previous value restored afterwards (also on error). Each timed run is
     measured with ``time.perf_counter``; on a GPU instead with a pair of CUDA
     events around the forward pass, read after the device has finished it
-    (the warm-up runs are synchronised first; not run on a GPU in this project).
+    (the warm-up runs are synchronised first). With ``cuda_graph`` (CUDA only) the
+    forward pass is captured once after the warm-up (which runs on a side stream, as
+    ``torch.cuda.graph`` requires) into a ``torch.cuda.CUDAGraph`` and each timed run
+    is one replay: the latency without the per-kernel launch cost of eager PyTorch,
+    which dominates small batches on a fast GPU (docs/results/gpu.md).
     Each submodule's ``training`` flag is restored afterwards.
 
     Returns:
@@ -152,7 +157,8 @@ def measure_latency(
 
     Raises:
         ValueError: ``runs < 1``, ``warmup < 0``, ``batch_size < 1``,
-            ``threads < 1`` or an invalid ``input_size``.
+            ``threads < 1``, an invalid ``input_size``, or ``cuda_graph`` for a model
+            that is not on a CUDA device.
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
@@ -165,6 +171,8 @@ def measure_latency(
     h, w = _check_size(input_size)
     x = _input_like(model, (batch_size, in_channels, h, w))
     cuda = x.device.type == "cuda"
+    if cuda_graph and not cuda:
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device (this one is on {x.device})")
     sync = (lambda: torch.cuda.synchronize(x.device)) if cuda else (lambda: None)
 
     prev_threads = torch.get_num_threads()
@@ -174,14 +182,27 @@ def measure_latency(
             torch.set_num_threads(threads)
         used_threads = torch.get_num_threads()
         with _eval_mode(model), torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
+            fwd = lambda: model(x)  # noqa: E731
+            if cuda_graph:
+                side = torch.cuda.Stream(x.device)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    for _ in range(max(warmup, 1)):  # at least one run before the capture (cuDNN's choices)
+                        model(x)
+                torch.cuda.current_stream(x.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    model(x)
+                fwd = graph.replay
+            else:
+                for _ in range(warmup):
+                    model(x)
             sync()
             for _ in range(runs):
-                if cuda:  # device time of the forward pass; not run on a GPU in this project
+                if cuda:  # device time of the forward pass (or of one graph replay)
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
-                    model(x)
+                    fwd()
                     end.record()
                     end.synchronize()
                     times.append(float(start.elapsed_time(end)))
@@ -206,6 +227,7 @@ def measure_latency(
         "batch_size": batch_size,
         "input_size": [h, w],
         "device": x.device.type,
+        **({"cuda_graph": True} if cuda_graph else {}),
         "times_ms": times,
     }
 
