@@ -226,7 +226,7 @@ def ort_session(path: str | Path, threads: int = 1, device: torch.device | None 
     """An ONNX Runtime session: ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``,
     sequential execution, all graph optimisations (``ORT_ENABLE_ALL``); the CPU provider, or for a CUDA
     ``device`` the ``CUDAExecutionProvider`` on that device (TF32 off; CPU fallback for unsupported
-    nodes; not run on a GPU in this project).
+    nodes; the CUDA provider has not been run on a GPU in this project).
 
     Raises:
         ValueError: ``threads < 1``, or a CUDA ``device`` without the CUDA provider installed.
@@ -242,7 +242,7 @@ def ort_session(path: str | Path, threads: int = 1, device: torch.device | None 
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     providers: list = ["CPUExecutionProvider"]
-    if device is not None and torch.device(device).type == "cuda":  # not run on a GPU in this project
+    if device is not None and torch.device(device).type == "cuda":  # ORT's CUDA provider: not run on a GPU in this project
         if not ort_cuda_available():
             raise ValueError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         idx = torch.device(device).index or 0
@@ -383,7 +383,7 @@ def measure_ort_latency(session, input_size: Sequence[int], batch_size: int = 1,
     h, w = int(input_size[0]), int(input_size[1])
     feed = {INPUT_NAME: np.zeros((batch_size, 3, h, w), dtype=np.float32)}
     run = lambda: session.run(None, feed)  # noqa: E731
-    if device is not None and torch.device(device).type == "cuda":  # not run on a GPU in this project
+    if device is not None and torch.device(device).type == "cuda":  # ORT's CUDA provider: not run on a GPU in this project
         import onnxruntime as ort
         idx = torch.device(device).index or 0
         binding = session.io_binding()
@@ -514,7 +514,7 @@ def benchmark(target: str | Path, batches: Sequence[int] = (1, 8), runs: int = 2
         threads: torch intra-op threads and ORT ``intra_op_num_threads``; ``None``: the config's
             ``eval.threads``, else ``threads``, else ``torch.get_num_threads()``.
         device: where to time (a spec of ``engine.device.resolve_device`` or a torch.device; ``None``:
-            the config's ``device`` key). CPU: as above. CUDA (not run on a GPU in this project): eager
+            the config's ``device`` key). CPU: as above. CUDA (run on an H200, docs/results/gpu.md; ORT's CUDA provider was not): eager
             latency from CUDA events after the warm-up (``measure_latency``), ORT with its CUDA provider
             when installed (else ORT is left out, said in ``ort_note``); the ONNX files are exported on
             the CPU, then the models are moved to the device.
@@ -594,7 +594,7 @@ def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dic
         raise ValueError(f"cuda_graph (--cuda-graph) needs a CUDA device, got {dev}")
     src = src or {name: type(m).__name__ for name, m in models.items()}
     ort_note = None
-    if onnx and dev.type == "cuda" and not ort_cuda_available():  # not run on a GPU in this project
+    if onnx and dev.type == "cuda" and not ort_cuda_available():
         onnx, ort_note = False, "ONNX Runtime not timed: its CUDAExecutionProvider is not installed (onnxruntime-gpu)"
     out: dict[str, Any] = {
         "format": "segprune-benchmark/1", "source": source, "kind": kind, "input_size": list(size),
@@ -620,7 +620,7 @@ def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dic
                 f = Path(tmp) / f"{name}.onnx"
                 export_onnx(m, f, size, opset)  # traced on the CPU
                 sessions[name] = ort_session(f, threads, dev)
-        if dev.type != "cpu":  # not run on a GPU in this project
+        if dev.type != "cpu":
             for m in models.values():
                 m.to(dev)
         for b in batches:  # models interleaved per backend: a pair sees the same machine state

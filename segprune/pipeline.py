@@ -274,7 +274,7 @@ class Pipeline:
         if cfg["train"].get("amp") == "fp16" and self.device.type != "cuda":
             raise ConfigError(f"train.amp='fp16' needs a CUDA device (float16 autocast with loss scaling); the run's "
                               f"device is {self.device}: use train.amp=bf16 or off")
-        if self.device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest kernels (not run on a GPU here)
+        if self.device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest kernels (run on an H200: docs/results/gpu.md)
             torch.backends.cudnn.benchmark = True
         cfg_file = self.out / "config.yaml"
         if cfg_file.exists():

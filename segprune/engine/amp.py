@@ -75,7 +75,7 @@ class Amp:
                              "use train.amp=bf16 on the CPU")
         self.enabled = self.mode != "off"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mode)
-        # fp16 only, not run on a GPU in this project
+        # fp16 only (run on an H200: docs/results/gpu.md)
         self.scaler = torch.amp.GradScaler("cuda") if self.mode == "fp16" else None
 
     def autocast(self):

@@ -90,7 +90,7 @@ def describe_device(device: torch.device, dtype: torch.dtype = torch.float32) ->
         Two evaluations are bitwise comparable only on the same type, name and dtype.
     """
     device = torch.device(device)
-    if device.type == "cuda":  # not run on a GPU in this project
+    if device.type == "cuda":  # run on an H200 (docs/results/gpu.md)
         index = device.index if device.index is not None else torch.cuda.current_device()
         name = torch.cuda.get_device_name(index)
     else:

@@ -43,7 +43,7 @@ def rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
     ``device`` is a CUDA device. A CPU run therefore writes exactly what it wrote before.
     """
     out = {"rng.torch": torch.get_rng_state()}
-    if device is not None and torch.device(device).type == "cuda":  # not run on a GPU in this project
+    if device is not None and torch.device(device).type == "cuda":  # run on an H200 (gpu_check resume checks)
         out["rng.cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return out
 
@@ -57,7 +57,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device | None = 
     bitwise exact anyway).
     """
     torch.set_rng_state(tensors["rng.torch"].cpu())
-    if device is not None and torch.device(device).type == "cuda" and "rng.cuda" in tensors:  # not run on a GPU here
+    if device is not None and torch.device(device).type == "cuda" and "rng.cuda" in tensors:  # run on an H200 (gpu_check resume checks)
         torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), torch.device(device))
 
 
