@@ -624,16 +624,12 @@ def benchmark_models(models: dict[str, nn.Module], size: Sequence[int], src: dic
             for m in models.values():
                 m.to(dev)
         for b in batches:  # models interleaved per backend: a pair sees the same machine state
-            eager = interleaved_latency({name: (lambda n, w, _m=m, _b=b: measure_latency(
-                _m, size, batch_size=_b, threads=threads, warmup=w, runs=n)) for name, m in models.items()}, runs, warmup)
-            for name, lat in eager.items():
-                out["models"][name]["latency"][str(b)]["eager"] = lat
-            if cuda_graph:
-                graph = interleaved_latency({name: (lambda n, w, _m=m, _b=b: measure_latency(
-                    _m, size, batch_size=_b, threads=threads, warmup=w, runs=n, cuda_graph=True))
+            for backend, graph in (("eager", False), ("graph", True))[:2 if cuda_graph else 1]:
+                lats = interleaved_latency({name: (lambda n, w, _m=m, _b=b, _g=graph: measure_latency(
+                    _m, size, batch_size=_b, threads=threads, warmup=w, runs=n, cuda_graph=_g))
                     for name, m in models.items()}, runs, warmup)
-                for name, lat in graph.items():
-                    out["models"][name]["latency"][str(b)]["graph"] = lat
+                for name, lat in lats.items():
+                    out["models"][name]["latency"][str(b)][backend] = lat
             if sessions:
                 ort_lat = interleaved_latency({name: (lambda n, w, _s=sess, _b=b: measure_ort_latency(_s, size, _b, w, n, dev))
                                                for name, sess in sessions.items()}, runs, warmup)
