@@ -17,7 +17,6 @@ without a loss scale, which only the timing needs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -25,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from segprune.engine.amp import amp_mode
+from segprune.engine.amp import Amp, amp_mode
 from segprune.methods.mtp import MTP
 from segprune.models import build_model
 from segprune.pruning import build_graph, discover_units
@@ -70,8 +69,7 @@ def main() -> None:
     ys = torch.randint(0, a.classes, (a.seg_batch, *a.seg_size), device=dev)
     xc = torch.randn(a.cls_batch, 3, *a.cls_size, device=dev).contiguous(memory_format=fmt)
     yc = torch.randint(0, a.cls_classes, (a.cls_batch,), device=dev)
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.amp)
-    cast = (lambda: torch.autocast(device_type=dev.type, dtype=low)) if low else contextlib.nullcontext
+    cast = Amp(dev, a.amp).autocast  # the plain steps' autocast: the training loops' own (its scaler unused)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def plain():

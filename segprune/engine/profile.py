@@ -208,7 +208,7 @@ def measure_latency(
                     times.append(float(start.elapsed_time(end)))
                     continue
                 t0 = time.perf_counter()
-                model(x)
+                fwd()
                 sync()
                 times.append((time.perf_counter() - t0) * 1000.0)
     finally:
