@@ -58,6 +58,13 @@ class RunRecord:
         info = load_json(base_done) if base_done.is_file() else {}
         # runs trained on the same baseline share its fingerprint (see pipeline.stage_fingerprints)
         self.baseline_id = info.get("fingerprint") or f"miou={metrics['baseline']['miou']:.6f}"
+        self.result_id = _result_id(cfg)
+
+    @property
+    def variant_values(self) -> dict:
+        """The run's config as ``{"section.key": value}`` over the sections a result depends on
+        (:data:`RESULT_SECTIONS`), without ``seed``: what tells two variants of one setting apart."""
+        return {k: v for k, v in _flatten(self.cfg).items() if k.split(".")[0] in RESULT_SECTIONS}
 
     def backbone_top1(self, stage: str, compute: bool = False) -> float | None:
         """Top-1 on the classification eval split of the backbone right after ``stage``
@@ -91,6 +98,11 @@ class RunRecord:
     def setting(self) -> tuple:
         thr = "-" if self.method in ("uniform", "thinet", "fpgm") else self.threshold
         return (self.method, self.target_kind, thr, self.ft, self.baseline_id, self.round_to)
+
+    @property
+    def group_key(self) -> tuple:
+        """:attr:`setting` and :attr:`result_id`: runs with the same key differ in ``seed`` alone."""
+        return (self.setting, self.result_id)
 
     @property
     def sparse_miou(self) -> float | None:
@@ -172,23 +184,71 @@ def _pct0(ms) -> str:
     return "–" if ms is None else f"{100 * ms[0]:.0f}"
 
 
+#: Config sections whose values change a run's result (``seed`` apart); their differences name variants.
+RESULT_SECTIONS = ("model", "data", "train", "method", "prune", "finetune", "eval")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _result_id(cfg: dict) -> str | None:
+    """The core's fingerprint of everything the run's final result depends on, with ``seed`` set aside
+    (``pipeline.stage_fingerprints``): runs that differ only in ``seed`` share it, runs with another
+    hyper-parameter (``method.mu_max``, a fine-tuning lr, ...) do not. None for a config the
+    fingerprint cannot read (such runs are grouped as before, by method, target, thresholds,
+    fine-tuning and baseline)."""
+    from .pipeline import stage_fingerprints
+    try:
+        return stage_fingerprints({**cfg, "seed": 0})["evaluate"]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _variant_labels(subgroups: list[list[RunRecord]]) -> list[str]:
+    """One label per subgroup of a setting: ``""`` for the largest (first seen on a tie), for the others
+    the ``key=value`` pairs in which their first run differs from the largest's first run."""
+    if len(subgroups) == 1:
+        return [""]
+    main = max(range(len(subgroups)), key=lambda i: (len(subgroups[i]), -i))
+    ref = subgroups[main][0].variant_values
+    labels = []
+    for i, rs in enumerate(subgroups):
+        mine = rs[0].variant_values
+        diff = [f"{k}={mine.get(k)}" for k in sorted(set(ref) | set(mine)) if mine.get(k) != ref.get(k)]
+        labels.append("" if i == main else (", ".join(diff) or "other settings"))
+    return labels
+
+
 def group_runs(runs: list[RunRecord]) -> list[dict]:
     """Aggregate runs of one setting over seeds.
 
     Returns one dict per setting (first-seen order) with ``method, target`` (label),
     ``target_kind`` ("channels" / "flops"), ``target_flops_ratio`` (None for a channel keep ratio),
     ``keep`` (the channel keep ratio; with a FLOPs target the mean of the ratios found), ``keep_std``,
-    ``threshold, finetune, seeds, runs`` and, for each of ``miou, delta_miou, params, flops, latency, miou_before_ft,
+    ``threshold, finetune, variant, seeds, runs`` and, for each of ``miou, delta_miou, params, flops, latency, miou_before_ft,
     cls_top1``, a ``(mean, std|None)`` pair; ``kept_backbone``, ``kept_decoder``, ``sparse_miou``, ``prune_step_loss``
     (fraction) and ``removed_gamma_share`` are such a pair, or None when a run of the setting lacks them (a part
     without prunable units, e.g. LRASPP's gated head or a LayerNorm encoder, has no kept fraction). ``params``, ``flops`` and
     ``latency`` are ratios pruned / baseline; ``kept_*`` fractions of the part's prunable channels.
+
+    Only runs that differ in ``seed`` alone are pooled (:func:`_result_id`): a run with another
+    hyper-parameter (an ablation such as ``method.mu_max: 2``) is a row of its own, and its ``variant``
+    names the settings in which it differs from the setting's largest group (whose ``variant`` is "").
     """
-    groups: dict[tuple, list[RunRecord]] = {}
+    families: dict[tuple, dict[str | None, list[RunRecord]]] = {}
     for r in runs:
-        groups.setdefault(r.setting, []).append(r)
+        families.setdefault(r.setting, {}).setdefault(r.result_id, []).append(r)
+    groups = [(key, rs, label) for key, subs in families.items()
+              for rs, label in zip(subs.values(), _variant_labels(list(subs.values())))]
     rows = []
-    for (method, (kind, value), thr, ft, base, round_to), rs in groups.items():
+    for (method, (kind, value), thr, ft, base, round_to), rs, variant in groups:
         keep, keep_std = _mean_std([r.keep for r in rs])
 
         def col(f):
@@ -198,7 +258,7 @@ def group_runs(runs: list[RunRecord]) -> list[dict]:
             "method": method, "keep": keep, "keep_std": keep_std, "target": target_label(kind, value) + _round_label(round_to),
             "round_to": round_to,
             "target_kind": kind, "target_flops_ratio": value if kind == "flops" else None,
-            "threshold": thr, "finetune": ft, "baseline_id": base,
+            "threshold": thr, "finetune": ft, "baseline_id": base, "variant": variant,
             "seeds": sorted(r.seed for r in rs), "runs": [r.name for r in rs],
             "miou": col(lambda r: r.m["pruned"]["miou"]), "delta_miou": col(lambda r: r.m["delta_miou"]),
             "params": col(lambda r: r.m["ratios"]["params"]), "flops": col(lambda r: r.m["ratios"]["flops"]),
@@ -252,6 +312,7 @@ def render_table(runs: list[RunRecord]) -> str:
     base_no = {k: i + 1 for i, k in enumerate(bases)}
     for g in group_runs(runs):
         tag = f" (baseline #{base_no[g['baseline_id']]})" if multi_base else ""
+        tag += f" [{g['variant']}]" if g["variant"] else ""
         lines.append(
             f"| {g['method']}{tag} | {_keep(g)} | {g['threshold']} | {g['target']} | {g['finetune']} | "
             f"{','.join(map(str, g['seeds']))} | {_pm(g['miou'])} | {_pm(g['delta_miou'], sign=True)} | "
@@ -266,7 +327,8 @@ def render_table(runs: list[RunRecord]) -> str:
               "Backbone top-1: classification eval split, right after the classification stage (MTP paper, Table 5). "
               "Prune-step loss: mIoU after sparsity training minus mIoU right after removal, in points (both "
               "single-scale); removed Σ|γ|: the share of the prunable units' Σ|γ| that the removal deleted. "
-              "Empty cells: run folders made before these were recorded."]
+              "Empty cells: run folders made before these were recorded. [key=value]: runs that differ from the "
+              "row of the same method and target in these settings (never pooled with it as seeds)."]
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +337,7 @@ CSV_FIELDS = ["run", "method", "keep_ratio", "threshold_mode", "finetune", "seed
               "baseline_latency_ms", "latency_ms", "latency_ratio", "miou_before_finetune", "baseline_cls_top1",
               "cls_top1", "baseline_top1_after_pretrain", "top1_after_cls_finetune", "kept_backbone", "kept_decoder",
               "target", "target_flops_ratio", "flops_target_met", "round_to", "sparse_miou", "prune_step_loss",
-              "removed_gamma_share"]
+              "removed_gamma_share", "variant"]
 
 
 def write_csv(runs: list[RunRecord]) -> str:
@@ -285,10 +347,12 @@ def write_csv(runs: list[RunRecord]) -> str:
     ratio used (with a FLOPs target, the one found); ``target_flops_ratio`` / ``flops_target_met`` are
     empty without a FLOPs target; ``sparse_miou`` (after sparsity training, before removal),
     ``prune_step_loss`` (``sparse_miou`` − ``miou_before_finetune``, a fraction like ``delta_miou``) and
-    ``removed_gamma_share`` (0..1) are empty for run folders made before they were recorded."""
+    ``removed_gamma_share`` (0..1) are empty for run folders made before they were recorded; ``variant``
+    as in :func:`group_runs` (empty for the setting's main group)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
+    variant = _variants(runs)
     for r in runs:
         b, p = r.m["baseline"], r.m["pruned"]
         w.writerow({"run": r.name, "method": r.method, "keep_ratio": r.keep, "threshold_mode": r.threshold,
@@ -304,7 +368,7 @@ def write_csv(runs: list[RunRecord]) -> str:
                     "target": f"{r.target_kind[0]} {r.target_kind[1]:g}", "target_flops_ratio": r.target,
                     "flops_target_met": r.m.get("flops_target_met") if r.target is not None else None,
                     "round_to": r.round_to, "sparse_miou": r.sparse_miou, "prune_step_loss": r.prune_step_loss,
-                    "removed_gamma_share": r.removed_gamma_share})
+                    "removed_gamma_share": r.removed_gamma_share, "variant": variant.get(r.name, "")})
     return buf.getvalue()
 
 
@@ -320,11 +384,19 @@ def _round_label(round_to: int) -> str:
     return f", widths ×{round_to}" if round_to > 1 else ""
 
 
-def _label(r: RunRecord) -> str:
+def _label(r: RunRecord, variants: dict[str, str] | None = None) -> str:
+    """Legend label of a run's setting; ``variants`` (run name -> :func:`group_runs`' variant) adds it."""
     thr = "" if r.method in ("uniform", "thinet", "fpgm") else f" {r.threshold}"
     ft = "" if r.ft == "cls+seg" else f" ({r.ft})"
     what = f"FLOPs {r.target:.2f}×" if r.target is not None else f"{r.keep:g}×"
-    return f"{r.method} {what}{thr}{ft}" + ("" if r.round_to == 1 else f" r{r.round_to}")
+    variant = (variants or {}).get(r.name, "")
+    return (f"{r.method} {what}{thr}{ft}" + ("" if r.round_to == 1 else f" r{r.round_to}")
+            + (f" [{variant}]" if variant else ""))
+
+
+def _variants(runs: list[RunRecord]) -> dict[str, str]:
+    """Run name -> its setting's variant label (:func:`group_runs`)."""
+    return {name: g["variant"] for g in group_runs(runs) for name in g["runs"]}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -373,8 +445,8 @@ def plot_widths(runs: list[RunRecord], path: Path) -> None:
     plt = _plt()
     reps = {}
     for r in runs:
-        reps.setdefault(r.setting, r)  # first seed of each setting
-    reps = list(reps.values())
+        reps.setdefault(r.group_key, r)  # first seed of each setting
+    reps, variants = list(reps.values()), _variants(runs)
     lw0 = reps[0].m["layer_widths"]["baseline"]
     layers = [n for n in lw0 if n.startswith("backbone.") and n != "backbone.fc"], [n for n in lw0 if not n.startswith("backbone.")]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.28 * len(lw0)), 7.5))
@@ -383,7 +455,7 @@ def plot_widths(runs: list[RunRecord], path: Path) -> None:
         ax.bar(x, [lw0[n][1] for n in names], color="0.85", label="baseline")
         for i, r in enumerate(reps):
             pw = r.m["layer_widths"]["pruned"]
-            ax.plot(x, [pw.get(n, [0, 0])[1] for n in names], marker=".", lw=1, label=_label(r),
+            ax.plot(x, [pw.get(n, [0, 0])[1] for n in names], marker=".", lw=1, label=_label(r, variants),
                     color=plt.cm.tab10(i % 10))
         ax.set_xticks(list(x))
         ax.set_xticklabels([n.replace("backbone.", "").replace("classifier.", "") for n in names], rotation=90, fontsize=6)
@@ -416,8 +488,8 @@ def plot_qualitative(runs: list[RunRecord], path: Path, n_images: int = 4) -> li
     plt = _plt()
     reps = {}
     for r in runs:
-        reps.setdefault(r.setting, r)
-    reps = list(reps.values())
+        reps.setdefault(r.group_key, r)
+    reps, variants = list(reps.values()), _variants(runs)
     first = reps[0]
     dseg = first.cfg["data"]["seg"]
     ds = build_seg_dataset(dseg, first.cfg["eval"]["split"] or dseg["eval_split"], False, first.seed)
@@ -425,7 +497,7 @@ def plot_qualitative(runs: list[RunRecord], path: Path, n_images: int = 4) -> li
     pal = np.array(_palette(k, ds) + [(0, 0, 0)] * (256 - k), dtype=np.uint8)
     idx = sorted({int(round(i)) for i in np.linspace(0, len(ds) - 1, min(n_images, len(ds)))})
     models = [("baseline", load_run_model(first.path / "stages" / "02_train_seg")[0])]
-    models += [(_label(r), load_run_model(r.path / "stages" / "06_finetune_seg")[0]) for r in reps]
+    models += [(_label(r, variants), load_run_model(r.path / "stages" / "06_finetune_seg")[0]) for r in reps]
     cols = 2 + len(models)
     fig, axes = plt.subplots(len(idx), cols, figsize=(2.2 * cols, 1.8 * len(idx)), squeeze=False)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -455,7 +527,7 @@ def plot_qualitative(runs: list[RunRecord], path: Path, n_images: int = 4) -> li
 def _primary(runs: list[RunRecord], limit: int = 6) -> list[RunRecord]:
     """Runs for the qualitative grid: all settings if few, else the Ind / cls+seg runs at the
     smallest keep ratio (one per method)."""
-    if len({r.setting for r in runs}) <= limit:
+    if len({r.group_key for r in runs}) <= limit:
         return runs
     pool = [r for r in runs if r.target is None] or runs  # channel-ratio runs share keep ratios
     kmin = min(r.keep for r in pool)
@@ -498,4 +570,4 @@ def compare(paths: list[str | Path], out: str | Path, n_images: int = 4, plots: 
             log(f"qualitative grid: eval images {shown}")
     log(md)
     log(f"wrote {', '.join(str(out / f) for f in files)}")
-    return {"runs": len(runs), "settings": len({r.setting for r in runs}), "files": files}
+    return {"runs": len(runs), "settings": len({r.group_key for r in runs}), "files": files}

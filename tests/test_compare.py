@@ -14,13 +14,13 @@ BASE = {"miou": 0.60, "pixel_acc": 0.9, "params": 1000, "flops": 2000, "macs": 1
 
 
 def _run(root, name, method, keep, seed, miou, flops, params, lat, thr="ind", ft_cls=1, base=BASE, fp="base-a",
-         round_to=None):
+         round_to=None, method_opts=None):
     d = root / name
     (d / "stages" / "02_train_seg").mkdir(parents=True)
     (d / "stages" / "05_finetune_cls").mkdir(parents=True)
     (d / "stages" / "02_train_seg" / "done.json").write_text(json.dumps({"fingerprint": fp}))
     (d / "stages" / "05_finetune_cls" / "done.json").write_text(json.dumps({"top1": 0.25 + seed / 100}))
-    cfg = {"seed": seed, "method": {"name": method}, "prune": {"keep_ratio": keep, "threshold_mode": thr},
+    cfg = {"seed": seed, "method": {"name": method, **(method_opts or {})}, "prune": {"keep_ratio": keep, "threshold_mode": thr},
            "finetune": {"cls": {"epochs": ft_cls}}}
     if round_to is not None:
         cfg["prune"]["round_to"] = round_to
@@ -72,6 +72,20 @@ def test_rounded_widths_are_a_setting_of_their_own(sweep_dir):
     assert "channels 0.5×, widths ×8" in render_table(runs)
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO(write_csv(runs)))}
     assert rows["mtp_r8_s0"]["round_to"] == "8" and rows["mtp_s0"]["round_to"] == "1"
+
+
+def test_an_ablation_is_a_row_of_its_own_not_a_seed(sweep_dir):
+    """Runs that differ in a hyper-parameter besides the seed (here MTP's mu_max) are never pooled as seeds,
+    and the row names the setting that differs; seeds 0 and 1 of the default still pool."""
+    _run(sweep_dir, "mtp_mumax2_s0", "mtp", 0.5, 0, 0.40, 1000, 500, 7.0, method_opts={"mu_max": 2.0})
+    runs = collect_runs([sweep_dir])
+    mtp = {g["variant"]: g for g in group_runs(runs) if g["method"] == "mtp" and g["threshold"] == "ind"}
+    assert set(mtp) == {"", "method.mu_max=2.0"}
+    assert mtp[""]["seeds"] == [0, 1] and mtp[""]["miou"][0] == pytest.approx(0.57)
+    assert mtp["method.mu_max=2.0"]["runs"] == ["mtp_mumax2_s0"] and mtp["method.mu_max=2.0"]["miou"][1] is None
+    assert "| mtp [method.mu_max=2.0] | 0.5× | ind" in render_table(runs)
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(write_csv(runs)))}
+    assert rows["mtp_mumax2_s0"]["variant"] == "method.mu_max=2.0" and rows["mtp_s1"]["variant"] == ""
 
 
 def test_markdown_and_csv_tables(sweep_dir):
