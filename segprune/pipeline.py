@@ -290,6 +290,8 @@ class Pipeline:
                 diff = sorted(_diff_keys(old, cfg))
                 raise ConfigError(f"run folder {self.out} was made with another config (differs at: "
                                   f"{', '.join(diff[:10])}); use another --out, or the same config to resume")
+        for stage in STAGES:  # finished stages of another config (config.yaml deleted, stage folders copied in)
+            self._done(stage)  # ConfigError naming the done.json before anything is written
         if ddp.is_main():  # several processes: rank 0 writes, the others read after the barrier
             self.out.mkdir(parents=True, exist_ok=True)
             if not cfg_file.exists():
@@ -317,8 +319,22 @@ class Pipeline:
         return stage_dir(self.out, stage)
 
     def _done(self, stage: str) -> dict | None:
+        """The stage's done.json, or None if the stage has not finished.
+
+        Raises:
+            ConfigError: the finished stage was made with another config (its recorded fingerprint is not
+                this run's, e.g. config.yaml was deleted or the stage folder copied in from another run);
+                nothing is overwritten.
+        """
         f = self._stage_dir(stage) / "done.json"
-        return load_json(f) if f.exists() else None
+        if not f.exists():
+            return None
+        info = load_json(f)
+        fp = info.get("fingerprint") if isinstance(info, dict) else None
+        if fp is not None and fp != self.fingerprints[stage]:  # done.json written before fingerprints: trusted
+            raise ConfigError(f"{f}: stage {stage} was made with another config (fingerprint {fp}, this run's "
+                              f"{self.fingerprints[stage]}); use another --out, or the config that made it")
+        return info
 
     def _finish(self, stage: str, model: nn.Module | None, arch: dict | None, log: StageLog, info: dict) -> None:
         d = self._stage_dir(stage)

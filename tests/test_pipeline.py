@@ -119,6 +119,27 @@ def test_other_config_refused_and_nothing_overwritten(finished_run, tmp_path, ca
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
 
 
+def test_stage_of_another_config_refused_without_config_yaml(finished_run, tmp_path, capsys):
+    """config.yaml gone (deleted, or stage folders copied into a new --out): a finished stage whose recorded
+    fingerprint is not this run's is refused with its done.json named, not silently reused, and nothing is written."""
+    cfg, out = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "config.yaml").unlink()
+    snap = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert main(["run", str(cfg), "--out", str(copy), "--quiet", "--set", "prune.keep_ratio=0.75"]) == 2
+    err = capsys.readouterr().err
+    # the growing ℓ1 schedule trains for the budget, so sparsity training is the first stage that differs
+    assert "03_sparsity" in err and "done.json" in err and "another config" in err and "02_train_seg" not in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == snap
+    # the same config still resumes from those stages: no training stage runs again
+    trained = {p: p.stat().st_mtime_ns for p in (copy / "stages").rglob("done.json") if "evaluate" not in str(p)}
+    assert main(["run", str(cfg), "--out", str(copy), "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+    a, b = (json.loads((d / "metrics.json").read_text())["pruned"]["miou"] for d in (out, copy))
+    assert a == b
+
+
 def test_tampered_run_folder_files_are_named(finished_run, tmp_path, capsys):
     """A damaged config.yaml, done.json or arch.json inside a run folder: exit 2 with the file named,
     and the run folder left as it was."""
