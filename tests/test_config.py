@@ -102,11 +102,11 @@ def test_every_shipped_config_is_valid():
 
 def test_demo_config_is_valid_and_is_the_readme_model():
     """`segprune demo`'s embedded config passes the same checks as a user's file, and it is the model the
-    README and docs/results/demo.md describe (DeepLabv3-R18, width 0.25, OS 8, 64x64, keep 0.5)."""
+    README and docs/results/demo.md describe (DeepLabv3-R18, width 0.125, OS 8, 64x64, keep 0.5)."""
     from segprune.config import demo_config
     cfg = demo_config()
     assert validate(cfg, raise_error=False) == []
-    assert cfg["model"] == {**cfg["model"], "name": "deeplabv3_resnet18", "width": 0.25, "output_stride": 8}
+    assert cfg["model"] == {**cfg["model"], "name": "deeplabv3_resnet18", "width": 0.125, "output_stride": 8}
     assert cfg["data"]["seg"]["input_size"] == [64, 64] and cfg["prune"]["keep_ratio"] == 0.5
     assert cfg["method"]["name"] == "mtp" and cfg["method"]["l1_schedule"] == "growing"
 
