@@ -445,7 +445,7 @@ def demo_config() -> dict:
 #: lr 0.04 keeps lr * mu_max = 0.8 < 1 (MTP's own check).
 #: Session 12 (docs/results/demo.md, "Width 0.125"): width 0.125 instead of 0.25 (0.45x the time per step) to meet
 #: the <= 2 min target; every demo schedule was iteration-limited, not capacity-limited, so the time saved buys
-#: 40 segmentation epochs instead of 30 and 14 sparsity epochs instead of 8. The network after sparsity
+#: 35 segmentation epochs instead of 30 and 12 sparsity epochs instead of 8 (pre-training 5 instead of 6). The network after sparsity
 #: training is already the pruned one (prune-step loss ~0), so fine-tuning on segmentation is 2 epochs.
 DEMO_YAML = """
 seed: 0
@@ -456,9 +456,9 @@ data:
   cls: {name: synthetic, input_size: [32, 32], image_size: [32, 32], num_train: 1024, num_eval: 256, num_kinds: 4,
         batch_size: 64, eval_batch_size: 128}
 train:
-  pretrain_cls: {epochs: 6, lr: 0.05}
-  seg: {epochs: 40, lr: 0.02}
-method: {epochs: 14, lr_seg: 0.04, lr_cls: 0.04, alpha1: 0.1, alpha2: 0.1, mu0: 0.1, rho: auto, mu_max: 20.0, update_every: 5,
+  pretrain_cls: {epochs: 5, lr: 0.05}
+  seg: {epochs: 35, lr: 0.02}
+method: {epochs: 12, lr_seg: 0.04, lr_cls: 0.04, alpha1: 0.1, alpha2: 0.1, mu0: 0.1, rho: auto, mu_max: 20.0, update_every: 5,
          l1_schedule: growing}
 prune: {keep_ratio: 0.5, threshold_mode: ind, min_channels: 2}
 finetune:
