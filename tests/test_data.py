@@ -447,6 +447,21 @@ def test_synthetic_labels_and_class_coverage():
     _expect_data_error(lambda: SyntheticSegmentation(4, num_kinds=7), "num_kinds", "7")
 
 
+def test_synthetic_shapes_have_equal_area_and_kinds_equal_pixel_shares():
+    """Every shape covers about pi * radius^2 pixels (AREA_SCALE), so every kind gets about the same share of the
+    labelled pixels; before, a triangle covered half a disc's area and the demo often never learned it."""
+    from segprune.data.synthetic import KINDS, render_object
+    rng = np.random.default_rng(0)
+    for kind, spec in enumerate(KINDS):
+        area = np.mean([render_object(np.zeros((100, 100, 3), np.float32), None, kind, (50.0, 50.0), 20.0, rng).sum()
+                        for _ in range(10)])
+        assert abs(area / (np.pi * 20.0 ** 2) - 1) < 0.03, (spec.shape, area)
+    k = 4
+    ds = SyntheticSegmentation(200, num_kinds=k, seed=0)
+    share = np.bincount(ds.labels.ravel(), minlength=k + 1)[1:] / ds.labels.size
+    assert share.max() / share.min() < 1.25, share
+
+
 def test_synthetic_colour_does_not_identify_kind():
     """Mean object colour gives a near-chance nearest-centroid classifier."""
     k = 4
