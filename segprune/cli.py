@@ -200,7 +200,7 @@ def cmd_benchmark(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="segprune", description="Channel pruning for semantic segmentation networks (MTP and baselines).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="Algorithm 1 end to end on the embedded synthetic default (a few minutes on 2 cores)")
+    d = sub.add_parser("demo", help="Algorithm 1 end to end on the embedded synthetic default (about 2 minutes on 2 cores)")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo); re-running resumes")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=cmd_demo)

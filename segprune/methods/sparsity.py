@@ -44,7 +44,7 @@ which per-channel multiplier):
     ρ = :data:`GROWTH` ** (1 / (l1_ramp·T − T_c)) per step while some γ of R in the group exceeds
     ε_G = ``l1_eps``·γ̄_G; it is held once they are all below ε_G and grows again if one comes back.
     With 10⁴× growth over the second half of the ramp (default l1_ramp 0.25), R reaches exact zero
-    near the end of the ramp (demo: step 39 of 160), and the remaining steps let the kept channels
+    near the end of the ramp (session-9 demo, 160 steps: step 39), and the remaining steps let the kept channels
     take over while R is held at zero. Everything is relative to γ̄ and Σ lr, so no α needs tuning
     per dataset or learning rate.
   - p: the budget's keep ratio. Under a FLOPs target the keep ratio is not known before training:
