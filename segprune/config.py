@@ -443,10 +443,11 @@ def demo_config() -> dict:
 #: copy's lr acts at about half its value on it; at 0.02 the network after sparsity training was 2.0
 #: points below Network Slimming's at the same lr (docs/results/sparsity.md, "Demo: MTP's sparsity lr").
 #: lr 0.04 keeps lr * mu_max = 0.8 < 1 (MTP's own check).
-#: Session 12 (docs/results/demo.md, "Width 0.125"): width 0.125 instead of 0.25 (0.45x the time per step) to meet
-#: the <= 2 min target; every demo schedule was iteration-limited, not capacity-limited, so the time saved buys
-#: 35 segmentation epochs instead of 30 and 12 sparsity epochs instead of 8 (pre-training 5 instead of 6). The network after sparsity
-#: training is already the pruned one (prune-step loss ~0), so fine-tuning on segmentation is 2 epochs.
+#: Session 12 (docs/results/demo.md, "How the demo got here"): width 0.125 instead of 0.25 (about half the time
+#: per step) to meet the <= 2 min target. Every demo schedule was iteration-limited, not capacity-limited, so
+#: the time saved buys 35 segmentation epochs instead of 30 and 12 sparsity epochs instead of 8 (pre-training
+#: 5 instead of 6). The network after sparsity training is already the pruned one (prune-step loss ~0), so
+#: fine-tuning on segmentation is 2 epochs.
 DEMO_YAML = """
 seed: 0
 model: {name: deeplabv3_resnet18, width: 0.125, output_stride: 8}

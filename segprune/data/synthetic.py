@@ -75,7 +75,7 @@ _UNIT_AREA = {"disc": math.pi, "ring": 0.75 * math.pi, "square": 1.6 ** 2, "tria
               "cross": 2 * (0.64 * 2.0) - 0.64 ** 2, "ellipse": 0.55 * math.pi}
 #: size factor that gives every shape the disc's area π·radius² at the same ``radius`` (equal-area radius).
 #: Without it a triangle covered half a disc's pixels, and the demo's triangle class was often never learned
-#: (IoU 0 in 3 of 3 seeds at width 0.125; docs/results/demo.md, "Equal-area shapes").
+#: (IoU 0-1.5 % in 4 of 4 runs at width 0.125; docs/results/demo.md, "How the demo got here").
 AREA_SCALE = {shape: math.sqrt(math.pi / a) for shape, a in _UNIT_AREA.items()}
 
 _SEG_TAG, _CLS_TAG = 0x5E6, 0xC15
