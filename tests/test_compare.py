@@ -100,6 +100,16 @@ def test_markdown_and_csv_tables(sweep_dir):
     assert float(fp["params_ratio"]) == pytest.approx(0.5)
 
 
+def test_seg_only_row_marks_its_backbone_top1_as_without_cls_finetuning(sweep_dir):
+    """A seg-only run's "backbone top-1 after cls FT" is its pruned backbone without any classification
+    fine-tuning; the cell says so, and only in that row."""
+    _run(sweep_dir, "mtp_segonly_s0", "mtp", 0.5, 0, 0.54, 1000, 500, 7.0, ft_cls=0)
+    md = render_table(collect_runs([sweep_dir]))
+    seg_only = [line for line in md.splitlines() if "| seg only |" in line]
+    assert len(seg_only) == 1 and "25.00 (no cls FT) |" in seg_only[0]
+    assert sum("(no cls FT) |" in line for line in md.splitlines()) == 1
+
+
 def test_two_baselines_are_kept_apart(sweep_dir):
     other = dict(BASE, miou=0.7, flops=4000)
     _run(sweep_dir, "mtp_other", "mtp", 0.5, 0, 0.69, 2000, 500, 7.0, base=other, fp="base-b")
