@@ -415,14 +415,16 @@ class Pipeline:
     def _load_finished(self, stage: str):
         """The model of ``stage`` if the stage is finished (here, or adopted from a ``share`` folder
         with the same fingerprint), placed on this rank's device; None if it has to run."""
-        if self._done(stage) is None and self.share:
+        info = self._done(stage)
+        if info is None and self.share:
             if ddp.is_main():
                 self._adopt(stage)
             ddp.barrier()
-        if self._done(stage) is not None:
+            info = self._done(stage)
+        if info is not None:
             model, arch = load_run_model(self._stage_dir(stage))
             self._place(model)
-            self.timings[stage] = self._done(stage).get("wall_s", 0.0)
+            self.timings[stage] = info.get("wall_s", 0.0)
             if not self.quiet:
                 print(f"[{stage}] already done, loaded {self._stage_dir(stage)}")
             return model
